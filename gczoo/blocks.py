@@ -1,0 +1,237 @@
+"""Global context blocks and the blocks GCNet compares them with.
+
+Notation follows the GCNet paper (Cao et al., "GCNet: Non-local Networks Meet
+Squeeze-Excitation Networks and Beyond"): ``x`` is a feature map with ``C`` channels
+and ``Np = H * W`` positions.
+
+* :class:`ContextBlock` -- the GC block, eq. (4):
+  ``z_i = x_i + W_v2 ReLU(LN(W_v1 sum_j softmax_j(W_k x_j) x_j))``.
+* :class:`SimplifiedNonLocalBlock` -- the simplified NL block, eq. (3):
+  ``z_i = x_i + W_v sum_j softmax_j(W_k x_j) x_j``.
+* :class:`NonLocalBlock` -- the embedded-Gaussian non-local block of NL-Net (Wang et al.),
+  eq. (1)/(2) of GCNet.
+* :class:`SqueezeExcitation` -- the SE block (Hu et al.), the paper's other point of comparison.
+
+Parameter names of :class:`ContextBlock` (``conv_mask``, ``channel_add_conv.{0,1,3}``,
+``channel_mul_conv.{0,1,3}``) are those of the public GCNet/mmcv checkpoints, so their
+weights load by renaming prefixes only.
+
+Every block accepts NCHW or channels_last input and runs under autocast; softmax is always
+computed in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ContextBlock",
+    "SimplifiedNonLocalBlock",
+    "NonLocalBlock",
+    "SqueezeExcitation",
+    "attention_pool",
+    "GC_POOLINGS",
+    "GC_FUSIONS",
+    "parse_fusion",
+]
+
+GC_POOLINGS = ("att", "avg")
+GC_FUSIONS = ("add", "mul", "add+mul")
+
+
+def parse_fusion(fusion: Union[str, Sequence[str]]) -> tuple:
+    """Normalise a fusion spec (``"add"``, ``"mul"``, ``"add+mul"`` or a sequence) to a tuple."""
+    parts = tuple(fusion.split("+")) if isinstance(fusion, str) else tuple(fusion)
+    if not parts or any(p not in ("add", "mul") for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"gc_fusion must be one of {GC_FUSIONS}, got {fusion!r}")
+    return tuple(p for p in ("add", "mul") if p in parts)
+
+
+def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Query-independent attention pooling, ``sum_j softmax_j(W_k x_j) x_j`` (GCNet eq. 3).
+
+    ``mask_weight`` is the ``(1, C, 1, 1)`` weight of the 1x1 conv ``W_k``. Returns ``(B, C)``.
+    The logits come from one matrix product with the ``(B, Np, C)`` view of ``x`` and the
+    pooling from a second one, so channels_last input is read without a copy. The softmax
+    runs in fp32 whatever the input dtype.
+    """
+    b, c = x.shape[:2]
+    flat = x.flatten(2)  # (B, C, Np): a view for NCHW and channels_last alike
+    logits = torch.matmul(mask_weight.reshape(1, 1, c).to(x.dtype), flat)  # (B, 1, Np)
+    if mask_bias is not None:
+        # A constant shift does not change a softmax; kept so the module matches checkpoints.
+        logits = logits + mask_bias.to(logits.dtype)
+    attn = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+    return torch.matmul(flat, attn.transpose(1, 2)).reshape(b, c)
+
+
+def _transform(hidden: int, channels: int) -> nn.Sequential:
+    """GC transform ``W_v2 ReLU(LN(W_v1 .))`` as 1x1 convs, the layout of GCNet checkpoints."""
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 1),
+        nn.LayerNorm([hidden, 1, 1]),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, channels, 1),
+    )
+
+
+def _apply_transform(seq: nn.Sequential, context: torch.Tensor) -> torch.Tensor:
+    """Run a :func:`_transform` stack on ``(B, C)`` context vectors with matrix products.
+
+    A 1x1 conv on a 1x1 map is a linear map and LayerNorm over ``(C/r, 1, 1)`` is a LayerNorm
+    over ``C/r``; computing them on vectors avoids the per-call overhead of conv kernels on
+    tiny spatial maps while using the very same parameters.
+    """
+    conv_in, norm, _, conv_out = seq
+    hidden = conv_in.out_channels
+    y = F.linear(context, conv_in.weight.reshape(hidden, -1), conv_in.bias)
+    y = F.layer_norm(y, (hidden,), norm.weight.reshape(hidden), norm.bias.reshape(hidden), norm.eps)
+    y = F.relu(y)
+    return F.linear(y, conv_out.weight.reshape(conv_out.out_channels, hidden), conv_out.bias)
+
+
+class ContextBlock(nn.Module):
+    """Global context (GC) block, GCNet eq. (4).
+
+    Args:
+        channels: ``C``, channels of the input and output.
+        ratio: bottleneck ratio of the transform; the hidden width is ``int(C * ratio)``
+            (1/16 is the paper's r16, 1/4 its r4), as in the public checkpoints.
+        pooling: ``"att"`` (attention pooling, the paper's default) or ``"avg"`` (global
+            average pooling, the SE-like ablation).
+        fusion: ``"add"`` (broadcast addition, default), ``"mul"`` (sigmoid scaling) or
+            ``"add+mul"``. With both, scaling is applied first, then addition.
+
+    The last conv of each transform starts at zero, so a new block is exactly the identity
+    (the "last zero init" of the GCNet code); ``conv_mask`` uses Kaiming fan-in init.
+    """
+
+    def __init__(self, channels: int, ratio: float = 1 / 16, pooling: str = "att",
+                 fusion: Union[str, Sequence[str]] = "add"):
+        super().__init__()
+        if pooling not in GC_POOLINGS:
+            raise ValueError(f"gc_pooling must be one of {GC_POOLINGS}, got {pooling!r}")
+        hidden = int(channels * ratio)
+        if not 0 < hidden:
+            raise ValueError(f"gc_ratio={ratio} leaves no hidden channels for {channels} input channels")
+        self.channels = channels
+        self.ratio = ratio
+        self.pooling = pooling
+        self.fusion = parse_fusion(fusion)
+        self.conv_mask = nn.Conv2d(channels, 1, 1) if pooling == "att" else None
+        self.channel_add_conv = _transform(hidden, channels) if "add" in self.fusion else None
+        self.channel_mul_conv = _transform(hidden, channels) if "mul" in self.fusion else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.conv_mask is not None:
+            nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.conv_mask.bias)
+        for seq in (self.channel_add_conv, self.channel_mul_conv):
+            if seq is not None:
+                nn.init.zeros_(seq[-1].weight)
+                nn.init.zeros_(seq[-1].bias)
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """Context modelling: the pooled ``(B, C)`` global context of ``x``."""
+        if self.conv_mask is None:
+            return x.mean(dim=(2, 3))
+        return attention_pool(x, self.conv_mask.weight, self.conv_mask.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context = self.context(x)
+        b, c = context.shape
+        out = x
+        if self.channel_mul_conv is not None:
+            out = out * torch.sigmoid(_apply_transform(self.channel_mul_conv, context)).reshape(b, c, 1, 1)
+        if self.channel_add_conv is not None:
+            out = out + _apply_transform(self.channel_add_conv, context).reshape(b, c, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, ratio={self.ratio}, pooling={self.pooling!r}, fusion={'+'.join(self.fusion)!r}"
+
+
+class SimplifiedNonLocalBlock(nn.Module):
+    """Simplified non-local block, GCNet eq. (3): attention pooling, then a 1x1 conv ``C -> C``.
+
+    ``transform`` starts at zero, so a new block is the identity.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.conv_mask = nn.Conv2d(channels, 1, 1)
+        self.transform = nn.Conv2d(channels, channels, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.conv_mask.bias)
+        nn.init.zeros_(self.transform.weight)
+        nn.init.zeros_(self.transform.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context = attention_pool(x, self.conv_mask.weight, self.conv_mask.bias)
+        b, c = context.shape
+        delta = F.linear(context, self.transform.weight.reshape(c, c), self.transform.bias)
+        return x + delta.reshape(b, c, 1, 1)
+
+
+class NonLocalBlock(nn.Module):
+    """Embedded-Gaussian non-local block (Wang et al., NL-Net; GCNet eq. 1-2).
+
+    ``z_i = x_i + BN(W_z sum_j softmax_j(theta(x_i)^T phi(x_j)) g(x_j))`` with ``theta``,
+    ``phi``, ``g`` 1x1 convs to ``C/2`` channels and ``W_z`` a 1x1 conv back to ``C``.
+    As in NL-Net the BN after ``W_z`` starts with zero scale, so a new block is the identity.
+    The pairwise softmax is unscaled, as in NL-Net's embedded Gaussian.
+    """
+
+    def __init__(self, channels: int, reduction: int = 2):
+        super().__init__()
+        inner = channels // reduction
+        self.channels = channels
+        self.theta = nn.Conv2d(channels, inner, 1)
+        self.phi = nn.Conv2d(channels, inner, 1)
+        self.g = nn.Conv2d(channels, inner, 1)
+        self.out_conv = nn.Conv2d(inner, channels, 1, bias=False)
+        self.out_bn = nn.BatchNorm2d(channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for conv in (self.theta, self.phi, self.g, self.out_conv):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        self.out_bn.reset_parameters()
+        nn.init.zeros_(self.out_bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        query = self.theta(x).flatten(2).transpose(1, 2)  # (B, Np, C')
+        key = self.phi(x).flatten(2)  # (B, C', Np)
+        value = self.g(x).flatten(2).transpose(1, 2)  # (B, Np, C')
+        attn = torch.softmax(torch.bmm(query, key).float(), dim=-1).to(value.dtype)
+        y = torch.bmm(attn, value).transpose(1, 2).reshape(b, -1, h, w)
+        return x + self.out_bn(self.out_conv(y))
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation block (Hu et al.): ``x * sigmoid(W_2 ReLU(W_1 avgpool(x)))``."""
+
+    def __init__(self, channels: int, ratio: float = 1 / 16):
+        super().__init__()
+        hidden = max(1, int(channels * ratio))
+        self.channels = channels
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        s = x.mean(dim=(2, 3))
+        s = F.relu(F.linear(s, self.fc1.weight.reshape(-1, c), self.fc1.bias))
+        s = torch.sigmoid(F.linear(s, self.fc2.weight.reshape(c, -1), self.fc2.bias))
+        return x * s.reshape(b, c, 1, 1)

@@ -1,0 +1,257 @@
+"""The zoo's registry: every name, builder and weights tag comes from ``weights_manifest.json``.
+
+Families:
+
+* ``gc_resnet`` -- architectures built by :mod:`gczoo.models.gc_resnet`; registered with timm
+  (``timm.create_model`` works after ``import gczoo``) with their pretrained cfgs as data.
+* ``timm`` -- timm's own GC models, listed here with their weights and published numbers
+  and built by timm.
+* ``maskrcnn`` -- detection models built by :mod:`gczoo.models.detection` (not timm models).
+
+Names follow timm: ``arch`` or ``arch.tag``; the tag selects weights (default: the
+manifest's ``default_tag``).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import timm
+import torch
+from timm.models import generate_default_cfgs, register_model
+
+from .manifest import load_manifest
+
+__all__ = ["create_model", "list_models", "model_info", "split_name", "model_entry", "weights_entry",
+           "entrypoint", "UnknownModelError"]
+
+_logger = logging.getLogger(__name__)
+
+#: Module that builds each family (``None``: timm builds it).
+FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None}
+
+
+class UnknownModelError(ValueError):
+    """A model name or weights tag that the manifest does not hold."""
+
+
+def _manifest() -> dict:
+    return load_manifest()
+
+
+def split_name(name: str) -> Tuple[str, Optional[str]]:
+    """``"resnet50_gc_r16.tv_in1k"`` -> ``("resnet50_gc_r16", "tv_in1k")``; no tag -> ``None``."""
+    arch, _, tag = name.partition(".")
+    return arch, (tag or None)
+
+
+def _all_names() -> List[str]:
+    models = _manifest()["models"]
+    return sorted(list(models) + [f"{a}.{t}" for a, m in models.items() for t in m["weights"]])
+
+
+def _unknown_model(name: str) -> UnknownModelError:
+    close = difflib.get_close_matches(name, _all_names(), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return UnknownModelError(f"Unknown model {name!r}.{hint} `gczoo list` shows every model and tag.")
+
+
+def model_entry(name: str) -> dict:
+    """The manifest entry of an architecture (a tag in ``name`` is ignored)."""
+    arch, _ = split_name(name)
+    models = _manifest()["models"]
+    if arch not in models:
+        raise _unknown_model(name)
+    return models[arch]
+
+
+def weights_entry(name: str, tag: Optional[str] = None) -> Tuple[str, dict]:
+    """``(tag, entry)`` of the weights named by ``name`` (``arch.tag``) or by ``tag``; default tag if neither."""
+    arch, name_tag = split_name(name)
+    model = model_entry(arch)
+    tag = tag or name_tag or model["default_tag"]
+    if tag is None:
+        raise UnknownModelError(f"{arch} has no pretrained weights in the zoo; use pretrained=False "
+                                f"(models with weights: `gczoo list --pretrained`).")
+    if tag not in model["weights"]:
+        raise UnknownModelError(f"Unknown weights tag {tag!r} for {arch}; its tags are: "
+                                f"{', '.join(model['weights']) or 'none (no pretrained weights)'}.")
+    return tag, model["weights"][tag]
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
+    """Names in the zoo matching a shell-style ``pattern``; with ``pretrained``, every ``arch.tag``."""
+    models = _manifest()["models"]
+    names = [f"{a}.{t}" for a, m in models.items() for t in m["weights"]] if pretrained else list(models)
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(split_name(n)[0], pattern))
+
+
+def _timm_cfg(entry: dict, defaults: dict) -> dict:
+    """A timm pretrained-cfg dict (``timm.models.PretrainedCfg`` fields) for one weights entry."""
+    cfg = dict(defaults, **entry["pretrained_cfg"])
+    for key in ("input_size", "test_input_size", "mean", "std"):
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    for source in entry["sources"]:
+        if source["type"] == "hf_hub":
+            cfg.setdefault("hf_hub_id", source["repo_id"])
+            cfg.setdefault("hf_hub_filename", source["filename"])
+        else:
+            cfg.setdefault("url", source["url"])
+    cfg["license"] = entry["license"]
+    cfg["notes"] = (entry["training"],)
+    return cfg
+
+
+def default_cfgs(family: str, first_conv: str, classifier: str) -> dict:
+    """timm ``DefaultCfg`` objects for every architecture of ``family``, default tag first."""
+    manifest = _manifest()
+    base = dict(manifest["defaults"]["pretrained_cfg"], first_conv=first_conv, classifier=classifier,
+                paper_name="GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond",
+                paper_ids="arXiv:1904.11492")
+    cfgs: Dict[str, dict] = {}
+    for arch, model in manifest["models"].items():
+        if model["family"] != family:
+            continue
+        if not model["weights"]:
+            cfgs[arch] = _timm_cfg({"pretrained_cfg": {}, "sources": [], "license": "", "training": ""}, base)
+            continue
+        tags = [model["default_tag"]] + [t for t in model["weights"] if t != model["default_tag"]]
+        for tag in tags:
+            cfgs[f"{arch}.{tag}"] = _timm_cfg(model["weights"][tag], base)
+    return generate_default_cfgs(cfgs)
+
+
+def _cfg_tag(pretrained_cfg: Any) -> Optional[str]:
+    """The weights tag in a ``pretrained_cfg`` argument (a tag string, timm PretrainedCfg or dict)."""
+    if pretrained_cfg is None or isinstance(pretrained_cfg, str):
+        return pretrained_cfg or None
+    if isinstance(pretrained_cfg, dict):
+        return pretrained_cfg.get("tag")
+    return getattr(pretrained_cfg, "tag", None)
+
+
+def _overlay_weights_file(arch: str, tag: str, entry: dict, kwargs: dict) -> dict:
+    """Point ``pretrained_cfg_overlay`` at a verified local file, unless the caller gave one.
+
+    The caller may pass ``pretrained_cfg_overlay=dict(file=...)`` (timm's convention) to load a
+    local checkpoint; otherwise :func:`gczoo.weights.fetch` downloads and verifies the tag's weights.
+    """
+    from . import weights
+
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if not (overlay.get("file") or overlay.get("state_dict")):
+        overlay["file"] = str(weights.fetch(arch, tag, entry))
+    kwargs["pretrained_cfg_overlay"] = overlay
+    return overlay
+
+
+def entrypoint(arch: str) -> Callable[..., torch.nn.Module]:
+    """The builder function of a ``gc_resnet``/``maskrcnn`` architecture, named after it (timm style).
+
+    With ``pretrained=True`` the weights named by ``pretrained_cfg`` (timm passes the tag of
+    ``arch.tag`` there; default: the manifest's default tag) are fetched and verified, and their
+    converter runs as the ``pretrained_filter_fn``, checking the converted keys against the model.
+    """
+    from . import convert
+
+    model = model_entry(arch)
+    module = importlib.import_module(FAMILY_MODULES[model["family"]])
+
+    def build(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+        kwargs = {**model["arch"], **kwargs}
+        if pretrained:
+            tag, entry = weights_entry(arch, _cfg_tag(kwargs.get("pretrained_cfg")))
+            overlay = _overlay_weights_file(arch, tag, entry, kwargs)
+            kwargs["pretrained_filter_fn"] = convert.filter_fn(
+                arch, tag, entry["converter"], overlay.get("file") or "the given state dict")
+        return module.build(arch, pretrained=pretrained, **kwargs)
+
+    build.__name__ = build.__qualname__ = arch
+    build.__module__ = module.__name__
+    build.__doc__ = f"{model['summary']}\n\n`gczoo info {arch}` shows the model card."
+    return build
+
+
+def register_timm_models(module_name: str, family: str) -> None:
+    """Register every ``family`` architecture of the manifest with timm, from ``module_name``.
+
+    A name timm already has from one of its own modules is left to timm, with a warning:
+    the zoo never replaces timm's models.
+    """
+    short = module_name.rsplit(".", 1)[-1]
+    for arch, model in _manifest()["models"].items():
+        if model["family"] != family:
+            continue
+        if timm.models.is_model(arch) and not timm.models.is_model_in_modules(arch, [short]):
+            _logger.warning("timm already has a model named %s; gczoo keeps timm's.", arch)
+            continue
+        register_model(entrypoint(arch))
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """Create a zoo model by name (``arch`` or ``arch.tag``), like ``timm.create_model``.
+
+    ``pretrained=True`` loads the weights of the tag (default: the manifest's default tag),
+    fetched and verified by :mod:`gczoo.weights`. Other keyword arguments go to the builder
+    (``num_classes``, ``features_only``, ``gc_ratio``, ``gc_stages``, ...).
+    """
+    model = model_entry(name)
+    arch, tag = split_name(name)
+    if tag is not None:
+        weights_entry(arch, tag)  # an unknown tag fails here, with close matches
+    if model["family"] == "timm":
+        if pretrained:
+            tag, entry = weights_entry(arch, tag)
+            _overlay_weights_file(arch, tag, entry, kwargs)
+        return timm.create_model(f"{arch}.{tag}" if tag else arch, pretrained=pretrained, **kwargs)
+    if model["family"] == "gc_resnet":
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if tag is not None:
+        kwargs.setdefault("pretrained_cfg", tag)
+    return entrypoint(arch)(pretrained=pretrained, **kwargs)
+
+
+def _count_flops(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.empty((1, *input_size), device="meta"))
+    return counter.get_total_flops()
+
+
+def model_info(name: str) -> dict:
+    """The model card as data: architecture, size, cost, weights with metrics and sources.
+
+    Parameters and FLOPs are measured on the meta device (no memory, no weights): FLOPs with
+    ``torch.utils.flop_counter`` at the default input size, two per multiply-add, so GMACs --
+    the unit of the paper's "FLOPs" column -- are half of them.
+    """
+    arch, _ = split_name(name)
+    model = model_entry(arch)
+    manifest = _manifest()
+    with torch.device("meta"):
+        net = create_model(arch)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    input_size = tuple(cfg.get("input_size", manifest["defaults"]["pretrained_cfg"]["input_size"]))
+    flops = _count_flops(net, input_size) if model["family"] != "maskrcnn" else None
+    params = sum(p.numel() for p in net.parameters())
+    return {
+        "name": arch,
+        "family": model["family"],
+        "summary": model["summary"],
+        "arch": dict(model["arch"]),
+        "params": params,
+        "input_size": input_size,
+        "gflops": None if flops is None else flops / 1e9,
+        "gmacs": None if flops is None else flops / 2e9,
+        "published_size": model.get("published_size"),
+        "published": list(model.get("published", [])),
+        "default_tag": model["default_tag"],
+        "weights": model["weights"],
+        "citation": manifest["citation"],
+    }

@@ -1,0 +1,446 @@
+"""Download, verify and cache pretrained weights; hand the model builder a safetensors file.
+
+Every entry of ``weights_manifest.json`` lists one or more *sources* for the same checkpoint
+(``{"type": "hf_hub", ...}`` or ``{"type": "url", ...}``). :func:`fetch` tries them in order and
+returns the path of a local, verified ``.safetensors`` file holding the checkpoint's tensors in
+the upstream key layout; the builder applies the entry's converter afterwards.
+
+Policy, in one place:
+
+* **Fall-through.** The next source is tried only when a source is *unavailable*: unreachable
+  host, HTTP error (404 included), offline with nothing cached, or a download interrupted again
+  and again. An **integrity failure is never hidden**: a file whose sha256 disagrees with the
+  manifest (or with the hub's own LFS hash) is deleted and :class:`WeightsIntegrityError` is
+  raised at once, without trying other sources, because a mismatch means corruption or
+  tampering somewhere the user has to know about.
+* **Hugging Face sources** go through ``huggingface_hub.hf_hub_download`` and its cache.
+  ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE`` are read *when fetch is
+  called* (huggingface_hub itself reads them once, at import). After the download the file is
+  hashed and compared with the pinned ``sha256`` or, when none is pinned, with the name of the
+  cache blob, which huggingface_hub names after the file's ETag: for LFS files (every
+  safetensors file on the hub) that ETag is the file's sha256. A non-LFS file without a pin
+  (ETag = git sha1) is only size-checked by huggingface_hub; ``gczoo pin`` closes that gap.
+  The hash is recomputed on every fetch, because huggingface_hub writes its cache before we
+  can look at the file; a bad file is removed from that cache (blob and snapshot link).
+* **URL sources** (torch.hub convention) are streamed with ``requests`` into
+  ``torch.hub.get_dir()/checkpoints`` (``TORCH_HOME`` respected) through ``<name>.partial``;
+  an interrupted download is resumed with an HTTP ``Range`` request (a server that ignores
+  ``Range`` is detected and the download restarts from zero). The file is verified against the
+  full ``sha256`` when pinned, else against ``sha256_prefix`` (the hash prefix carried in the
+  upstream file name), *before* it is moved to its final name. ``GCZOO_MIRROR=http://host:port``
+  replaces scheme and host of every URL source and keeps the path.
+* **Offline** (``HF_HUB_OFFLINE`` or ``GCZOO_OFFLINE`` set to 1/true/yes/on): no network at all;
+  only cached files are used.
+* **Pickles** are read only with ``torch.load(..., weights_only=True)``; anything but tensors and
+  plain containers is refused (:class:`UnsafePickleError`). A pickle is converted once into a
+  safetensors file next to it (metadata records source URL and sha256) and the pickle is then
+  deleted: the cache keeps safetensors only, later loads never unpickle anything. A pickle that
+  torch.hub itself left in the same directory is verified and converted the same way.
+* **Concurrency.** URL downloads and conversions hold a file lock per file
+  (``checkpoints/.locks``), so processes fetching the same file at once all succeed and the
+  cache ends with one file; huggingface_hub locks its own cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import filelock
+import httpx2
+import requests
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+__all__ = [
+    "WeightsError",
+    "WeightsUnavailableError",
+    "WeightsIntegrityError",
+    "UnsafePickleError",
+    "fetch",
+    "sha256_of",
+    "pin",
+    "export",
+]
+
+_logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_TIMEOUT = (10, 60)  # requests' (connect, read) timeouts in seconds
+_MAX_ATTEMPTS = 5  # URL download attempts, each one resuming where the previous one stopped
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+_TRUE = {"1", "true", "yes", "on"}
+# safetensors metadata keys written when a pickle is converted (provenance of the tensors)
+_META_SOURCE = "gczoo_source"
+_META_SHA256 = "gczoo_source_sha256"
+
+
+class WeightsError(RuntimeError):
+    """Base class of every error raised while obtaining pretrained weights."""
+
+
+class WeightsUnavailableError(WeightsError):
+    """No source could deliver the file: unreachable, missing, or offline with nothing cached."""
+
+
+class WeightsIntegrityError(WeightsError):
+    """A downloaded file's sha256 differs from the expected one; the file has been removed."""
+
+
+class UnsafePickleError(WeightsError):
+    """A pickle checkpoint holds objects other than tensors and plain containers; refused."""
+
+
+class _Unavailable(Exception):
+    """Internal: one source could not deliver (the message says why); try the next one."""
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(model_name: str, tag: str, entry: dict, *, progress: bool = True) -> Path:
+    """Return a verified local safetensors file for ``model_name.tag``, downloading if needed.
+
+    ``entry`` is the manifest's ``weights[tag]`` dict; its ``sources`` are tried in order (see the
+    module docstring for when the next one is tried). Raises :class:`WeightsUnavailableError`
+    naming every source and why it failed, :class:`WeightsIntegrityError` or
+    :class:`UnsafePickleError`.
+    """
+    label = f"{model_name}.{tag}"
+    failures = []
+    for source in entry["sources"]:
+        try:
+            return _fetch_source(source, label, progress)
+        except _Unavailable as err:
+            failures.append(f"{_describe(source)}: {err}")
+    raise WeightsUnavailableError(_unavailable_message(label, failures))
+
+
+def pin(model_name: str, tag: str, entry: dict) -> list[str]:
+    """Fetch every source of the entry and return the full sha256 of each upstream file, in order.
+
+    For the maintainer's ``gczoo pin``: the digests go into the sources' ``sha256`` fields. The
+    digest is that of the file as served upstream (for a converted pickle, the one recorded in
+    the safetensors metadata at conversion), taken after the usual verification, so a file that
+    disagrees with its current pin or hash prefix raises instead of being re-pinned silently.
+    """
+    label = f"{model_name}.{tag}"
+    digests = []
+    for source in entry["sources"]:
+        try:
+            path = _fetch_source(source, label, progress=True)
+        except _Unavailable as err:
+            raise WeightsUnavailableError(
+                _unavailable_message(label, [f"{_describe(source)}: {err}"])
+            ) from err
+        with safe_open(path, framework="pt") as f:
+            recorded = (f.metadata() or {}).get(_META_SHA256)
+        digests.append(recorded or sha256_of(path))
+    return digests
+
+
+def export(
+    model_name: str, tag: str, entry: dict, to_dir: str | os.PathLike, *, progress: bool = True
+) -> Path:
+    """Fetch the weights and copy the verified file to ``to_dir/{model_name}.{tag}.safetensors``.
+
+    Meant for air-gapped machines: run ``gczoo download NAME.TAG --to DIR`` where there is a
+    network, carry DIR over, and load with ``pretrained_cfg_overlay=dict(file=...)``.
+    """
+    src = fetch(model_name, tag, entry, progress=progress)
+    to_dir = Path(to_dir)
+    to_dir.mkdir(parents=True, exist_ok=True)
+    dest = to_dir / f"{model_name}.{tag}.safetensors"
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _fetch_source(source: dict, label: str, progress: bool) -> Path:
+    kind = source.get("type")
+    if kind == "hf_hub":
+        return _fetch_hf(source, label, progress)
+    if kind == "url":
+        return _fetch_url(source, label, progress)
+    raise WeightsError(f"{label}: unknown weights source type {kind!r} (expected 'hf_hub' or 'url')")
+
+
+def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
+    """Download through huggingface_hub's cache, then verify (and evict a bad file)."""
+    if source.get("format") != "safetensors":
+        raise WeightsError(
+            f"{label}: hf_hub source {source['repo_id']}/{source['filename']} has format "
+            f"{source.get('format')!r}; hub sources must be safetensors files"
+        )
+    try:
+        path = hf_hub_download(
+            source["repo_id"],
+            source["filename"],
+            revision=source.get("revision", "main"),
+            cache_dir=_hf_cache_dir(),
+            endpoint=os.environ.get("HF_ENDPOINT"),
+            local_files_only=_offline(),
+            tqdm_class=None if progress else functools.partial(tqdm, disable=True),
+        )
+    except (OSError, httpx2.HTTPError) as err:
+        if _offline():
+            raise _Unavailable(
+                f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and not in the Hugging Face "
+                f"cache {_hf_cache_dir() or hf_constants.HF_HUB_CACHE}"
+            ) from err
+        raise _Unavailable(_reason(err)) from err
+
+    pointer = Path(path)
+    blob = pointer.resolve()
+    expected = source.get("sha256") or (blob.name if _SHA256_HEX.fullmatch(blob.name) else None)
+    if expected is not None:
+        actual = sha256_of(blob)
+        if actual != expected:
+            blob.unlink(missing_ok=True)
+            pointer.unlink(missing_ok=True)
+            raise WeightsIntegrityError(
+                _mismatch_message(label, _describe(source), expected, actual, blob)
+            )
+    return pointer
+
+
+def _fetch_url(source: dict, label: str, progress: bool) -> Path:
+    """torch.hub-style download into ``<torch hub dir>/checkpoints``, verified before use."""
+    fmt = source.get("format")
+    if fmt not in ("safetensors", "pickle"):
+        raise WeightsError(f"{label}: url source {source['url']} has unknown format {fmt!r}")
+    if not (source.get("sha256") or source.get("sha256_prefix")):
+        raise WeightsError(
+            f"{label}: url source {source['url']} has neither 'sha256' nor 'sha256_prefix' in the "
+            "manifest, so it cannot be verified; add the prefix from the file name or run `gczoo pin`"
+        )
+    url = _mirrored(source["url"])
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    raw = ckpt_dir / Path(urlsplit(url).path).name
+    final = raw if fmt == "safetensors" else raw.with_suffix(".safetensors")
+    if final.exists():
+        return final
+
+    (ckpt_dir / ".locks").mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(ckpt_dir / ".locks" / f"{raw.name}.lock"):
+        if final.exists():  # another process finished while we waited for the lock
+            return final
+        if raw.exists():
+            # a pickle whose conversion was interrupted, or one torch.hub itself downloaded
+            digest = _verify(raw, source, label, str(raw))
+        elif _offline():
+            raise _Unavailable(
+                f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and {final} is not cached"
+            )
+        else:
+            partial = raw.with_name(raw.name + ".partial")
+            _download(url, partial, progress)
+            digest = _verify(partial, source, label, url)
+            os.replace(partial, raw)
+        if fmt == "pickle":
+            _pickle_to_safetensors(raw, final, label, {_META_SOURCE: source["url"], _META_SHA256: digest})
+            raw.unlink()
+    return final
+
+
+def _download(url: str, partial: Path, progress: bool) -> None:
+    """Stream ``url`` into ``partial``, resuming what is already there with a Range request.
+
+    Attempts go on while each one makes progress (up to ``_MAX_ATTEMPTS``); the partial file is
+    kept on failure so that a later call resumes it.
+    """
+    for _ in range(_MAX_ATTEMPTS):
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = {"Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        got = 0
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=_TIMEOUT) as resp:
+                if resp.status_code == 416:  # the partial file is not a prefix of this file
+                    partial.unlink()
+                    continue
+                if resp.status_code >= 400:
+                    raise _Unavailable(f"HTTP {resp.status_code} {resp.reason} for {url}")
+                match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+                resume = resp.status_code == 206 and match is not None and int(match.group(1)) == have
+                start = have if resume else 0  # a server ignoring Range sends the whole file: restart
+                length = int(resp.headers.get("Content-Length", -1))
+                total = start + length if length >= 0 else None
+                with open(partial, "ab" if resume else "wb") as f, tqdm(
+                    total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=partial.name[: -len(".partial")], disable=not progress,
+                ) as bar:
+                    for chunk in resp.iter_content(_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                        got += len(chunk)
+        except requests.RequestException as err:
+            # connection refused, timeout, or a body cut short: go on only if this attempt got bytes
+            if not got:
+                raise _Unavailable(_reason(err)) from err
+            continue
+        if total is None or partial.stat().st_size == total:
+            return
+    raise _Unavailable(
+        f"download of {url} interrupted {_MAX_ATTEMPTS} times; {partial} is kept and the next "
+        "attempt resumes it"
+    )
+
+
+def _verify(path: Path, source: dict, label: str, origin: str) -> str:
+    """Check ``path`` against the source's pinned sha256 (else its prefix); delete it on mismatch."""
+    actual = sha256_of(path)
+    pinned = source.get("sha256")
+    expected = pinned or source["sha256_prefix"]
+    if (actual != pinned) if pinned else not actual.startswith(expected):
+        path.unlink()
+        raise WeightsIntegrityError(_mismatch_message(label, origin, expected, actual, path))
+    return actual
+
+
+def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str, str]) -> None:
+    """Load a pickle checkpoint safely and write its state dict atomically as safetensors.
+
+    mmdetection-style files ``{"state_dict": ..., "meta": ...}`` and ``{"model": ...}`` files are
+    unwrapped. Tensors sharing storage (tied weights) or not owning their whole storage are
+    cloned, since safetensors stores each tensor on its own.
+    """
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        src.unlink()
+        raise UnsafePickleError(
+            f"{label}: refused to load {src.name}: it is not a plain tensor checkpoint "
+            f"(torch.load(weights_only=True) rejected it: {_unpickler_reason(err)}). Unpickling it "
+            "fully could run arbitrary code; the file was removed from the cache."
+        ) from err
+    if isinstance(obj, Mapping):
+        obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
+    if not isinstance(obj, Mapping):
+        problem = f"a {type(obj).__name__}"
+    else:
+        problem = next(
+            (f"the non-tensor entry {k!r}" for k, v in obj.items()
+             if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
+            None,
+        )
+    if problem is not None:
+        src.unlink()
+        raise WeightsError(f"{label}: {src.name} does not hold a state dict of tensors (found {problem}); removed")
+
+    tensors, seen = {}, set()
+    for key, value in obj.items():
+        value = value.detach()
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen or not value.is_contiguous() or storage.nbytes() != value.nbytes:
+            value = value.clone(memory_format=torch.contiguous_format)
+        seen.add(storage.data_ptr())
+        tensors[key] = value
+    tmp = dest.with_name(dest.name + ".converting")
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "GCZOO_OFFLINE"))
+
+
+def _hf_cache_dir() -> str | None:
+    """huggingface_hub's cache location from the environment as it is now (None: its default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _mirrored(url: str) -> str:
+    """Apply ``GCZOO_MIRROR``: its scheme and host (and path prefix, if any) replace the URL's."""
+    mirror = os.environ.get("GCZOO_MIRROR")
+    if not mirror:
+        return url
+    m, u = urlsplit(mirror), urlsplit(url)
+    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
+
+
+def _describe(source: dict) -> str:
+    if source.get("type") == "hf_hub":
+        endpoint = os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT
+        return (
+            f"hf_hub {source['repo_id']}/{source['filename']}@{source.get('revision', 'main')} "
+            f"(endpoint {endpoint})"
+        )
+    if source.get("type") == "url":
+        url = _mirrored(source["url"])
+        return f"url {url}" + ("" if url == source["url"] else f" (GCZOO_MIRROR for {source['url']})")
+    return f"source {source!r}"
+
+
+def _reason(err: BaseException) -> str:
+    """One line: the error, and its root cause when it wraps one (e.g. 'Connection refused')."""
+    root = err
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    if root is not err:
+        text += " (caused by " + " ".join(f"{type(root).__name__}: {root}".split()) + ")"
+    return text
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The specific line of torch's weights_only refusal, without its generic boilerplate."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if not ln.startswith(boilerplate)]
+    return " ".join(specific or lines)
+
+
+def _mismatch_message(label: str, origin: str, expected: str, actual: str, removed: Path) -> str:
+    kind = "sha256" if len(expected) == 64 else "sha256 prefix"
+    return (
+        f"{label}: integrity check failed for {origin}: expected {kind} {expected}, got sha256 "
+        f"{actual}. The file ({removed}) was removed and nothing was cached. The download was "
+        "corrupted or tampered with (check any mirror or proxy), or the upstream file changed; "
+        "a maintainer re-pins a deliberate change with `gczoo pin`."
+    )
+
+
+def _unavailable_message(label: str, failures: list[str]) -> str:
+    tried = "\n".join(f"  - {f}" for f in failures)
+    return (
+        f"cannot obtain weights {label}; sources tried:\n{tried}\n"
+        f"To use them without network access here: on a machine with network run "
+        f"`gczoo download {label} --to DIR`, copy DIR here and pass "
+        f"pretrained_cfg_overlay=dict(file='DIR/{label}.safetensors'); or set "
+        "GCZOO_MIRROR=http://host:port to a server holding the same paths, or HF_ENDPOINT to a hub mirror."
+    )

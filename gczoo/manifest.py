@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
-__all__ = ["ManifestError", "MANIFEST_PATH", "SCHEMA_PATH", "load_manifest", "validate"]
+__all__ = ["ManifestError", "MANIFEST_PATH", "SCHEMA_PATH", "dump_manifest", "load_manifest", "validate"]
 
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
@@ -140,3 +140,17 @@ def load_manifest(path: Optional[Union[str, Path]] = None) -> dict:
     The returned dict is shared: treat it as read-only.
     """
     return _load_cached(str(Path(path or MANIFEST_PATH).resolve()))
+
+
+def dump_manifest(data: dict, path: Optional[Union[str, Path]] = None) -> None:
+    """Validate ``data`` and write it in the manifest's layout (two-space indent, numeric
+    lists on one line), atomically. For maintainer tools such as ``gczoo pin``."""
+    validate(data)
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    text = re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    target = Path(path or MANIFEST_PATH).resolve()
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(target)
+    _load_cached.cache_clear()

@@ -14,7 +14,7 @@ Architectures and their pretrained cfgs come from ``weights_manifest.json`` thro
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -64,17 +64,17 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, context_block: Optional[nn.Module] = None,
-                 pre_block: Optional[nn.Module] = None):
+                 pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         outplanes = planes * self.expansion
         self.pre_block = pre_block
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.bn3 = norm_layer(outplanes)
         self.context_block = context_block
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -105,6 +105,8 @@ class GCResNet(nn.Module):
         gc_ratio, gc_pooling, gc_fusion: see :class:`gczoo.blocks.ContextBlock`.
         stage_blocks: ``{stage: "gc" | "nl" | "snl"}``; one such block is placed before the
             last residual block of that stage (the paper's single-block ablations).
+        norm_layer: normalisation of the ResNet part (``nn.BatchNorm2d``; detection backbones
+            pass torchvision's ``FrozenBatchNorm2d``).
         num_classes, in_chans, global_pool, drop_rate: as in timm.
     """
 
@@ -112,7 +114,8 @@ class GCResNet(nn.Module):
                  in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
                  gc_stages: Union[None, str, Sequence] = (3, 4, 5), gc_ratio: float = 1 / 16,
                  gc_pooling: str = "att", gc_fusion: Union[str, Sequence[str]] = "add",
-                 stage_blocks: Optional[Dict[Union[int, str], str]] = None):
+                 stage_blocks: Optional[Dict[Union[int, str], str]] = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 stage depths, got {layers!r}")
@@ -127,7 +130,7 @@ class GCResNet(nn.Module):
             extra[parse_stages(stage)[0]] = kind
 
         self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.feature_info: List[dict] = []
@@ -141,14 +144,14 @@ class GCResNet(nn.Module):
                 downsample = None
                 if j == 0 and (stride != 1 or inplanes != outplanes):
                     downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes))
+                        nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), norm_layer(outplanes))
                 gc = ContextBlock(outplanes, **gc_kw) if stage in self.gc_stages else None
                 pre = None
                 if stage in extra and j == depth - 1:
                     kind = extra[stage]
                     pre = ContextBlock(inplanes, **gc_kw) if kind == "gc" else _STAGE_BLOCKS[kind](inplanes)
                 blocks.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, downsample, groups, base_width,
-                                         context_block=gc, pre_block=pre))
+                                         context_block=gc, pre_block=pre, norm_layer=norm_layer))
                 inplanes = outplanes
             name = STAGE_NAMES[stage]
             self.add_module(name, nn.Sequential(*blocks))

@@ -8,12 +8,13 @@ instead of a bare ``load_state_dict`` error.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Dict
 
 import torch
 from torch import nn
 
-__all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "torchvision_resnet"]
+__all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_maskrcnn", "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -45,8 +46,67 @@ def torchvision_resnet(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
+#: mmdetection 2.x Mask R-CNN key prefixes -> :mod:`gczoo.models.detection` (torchvision) prefixes.
+_MMDET_RENAMES = (
+    (r"backbone\.", "backbone.body."),
+    (r"neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
+    (r"neck\.fpn_convs\.(\d+)\.conv\.", r"backbone.fpn.layer_blocks.\1.0."),
+    (r"rpn_head\.rpn_conv\.", "rpn.head.conv.0.0."),
+    (r"rpn_head\.rpn_cls\.", "rpn.head.cls_logits."),
+    (r"rpn_head\.rpn_reg\.", "rpn.head.bbox_pred."),
+    (r"roi_head\.bbox_head\.shared_fcs\.0\.", "roi_heads.box_head.fc6."),
+    (r"roi_head\.bbox_head\.shared_fcs\.1\.", "roi_heads.box_head.fc7."),
+    (r"roi_head\.bbox_head\.fc_cls\.", "roi_heads.box_predictor.cls_score."),
+    (r"roi_head\.bbox_head\.fc_reg\.", "roi_heads.box_predictor.bbox_pred."),
+    (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.", r"roi_heads.mask_head.\1.0."),
+    (r"roi_head\.mask_head\.upsample\.", "roi_heads.mask_predictor.conv5_mask."),
+    (r"roi_head\.mask_head\.conv_logits\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+)
+
+
+def _with_background_slot(tensor: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Prepend a zero slot of ``per_class`` rows: torchvision's heads have one for class 0 (background)."""
+    return torch.cat([tensor.new_zeros((per_class, *tensor.shape[1:])), tensor])
+
+
+def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """mmdetection 2.x Mask R-CNN + FPN -> :class:`gczoo.models.detection.MMDetMaskRCNN`.
+
+    * ``backbone.*`` (torchvision ResNet names, GC blocks at ``layerN.i.context_block``) moves
+      under ``backbone.body``; BatchNorm's ``num_batches_tracked`` counters are dropped, since
+      frozen BatchNorm has none. ``neck``, ``rpn_head``, ``roi_head`` are renamed one to one.
+    * Classifier: mmdetection's 81 outputs are the 80 classes then background (index 80);
+      torchvision's put background first, so the last row moves to the front. Softmax
+      probabilities are the same, reordered.
+    * Box regression (``80 * 4`` outputs) and mask logits (80 outputs) have no background slot;
+      a zero slot is prepended. torchvision never reads it at inference (it drops class 0
+      before decoding results and picks masks by the predicted, foreground, label).
+
+    A key matching none of these names is passed through unchanged, so the strict check of
+    :func:`filter_fn` reports it as unexpected.
+    """
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone.") and key.endswith(".num_batches_tracked"):
+            continue
+        new = key
+        for pattern, replacement in _MMDET_RENAMES:
+            new, hits = re.subn("^" + pattern, replacement, key)
+            if hits:
+                break
+        if new == "roi_heads.box_predictor.cls_score.weight" or new == "roi_heads.box_predictor.cls_score.bias":
+            value = torch.cat([value[-1:], value[:-1]])
+        elif new.startswith("roi_heads.box_predictor.bbox_pred."):
+            value = _with_background_slot(value, 4)
+        elif new.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
+            value = _with_background_slot(value, 1)
+        out[new] = value
+    return out
+
+
 CONVERTERS: Dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
     "identity": identity,
+    "mmdet_maskrcnn": mmdet_maskrcnn,
     "torchvision_resnet": torchvision_resnet,
 }
 

@@ -1,0 +1,213 @@
+"""``eval/imagenet.py`` end to end on a validation set written here, against predictions computed here.
+
+The model is a real zoo architecture (``resnet50_gc_r16``, 1000 classes) with random weights,
+saved as a safetensors checkpoint and evaluated at 32 px with ``--checkpoint``. The images are
+written at 32 x 32, so the script's resize-and-crop leaves them as they are and the test can
+compute each prediction itself: decode, scale to [0, 1], normalise, forward. Each image's label
+is then chosen from that prediction (its top class, a class ranked 2nd..5th, or one ranked far
+lower), so top-1 and top-5 are known before the script runs, and the same labels are written
+as the 1000-folder layout and as both flat layouts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import gczoo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval import common, imagenet  # noqa: E402
+
+ARCH = "resnet50_gc_r16"
+SIZE = 32
+NUM_IMAGES = 15  # odd: two ranks get 8 and 7
+#: rank of each image's label in the model's ranking: 0 = top-1 hit, 1..4 = top-5 only, else a miss
+LABEL_RANKS = [0, 3, 0, 40, 1, 0, 999, 4, 0, 2, 17, 0, 500, 0, 6]
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+EVAL = ["--checkpoint", None, "--img-size", str(SIZE), "--crop-pct", "1.0", "--batch-size", "4", "--workers", "0",
+        "--device", "cpu"]
+
+
+def _pixels(path: Path) -> torch.Tensor:
+    """The test's own preprocessing: decode, [0, 1], ImageNet mean/std, CHW."""
+    array = (np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255.0 - MEAN) / STD
+    return torch.from_numpy(array.transpose(2, 0, 1)).float()
+
+
+@pytest.fixture(scope="module")
+def valset(tmp_path_factory):
+    """Checkpoint, images, labels, the expected metrics and the three layouts of one validation set."""
+    root = tmp_path_factory.mktemp("imagenet")
+    torch.manual_seed(0)
+    model = gczoo.create_model(ARCH).eval()
+    for p in model.parameters():  # the zero-initialised GC transforms and last BN gammas too
+        if not p.any():
+            p.data.normal_(0, 0.1)
+    checkpoint = root / "random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+
+    rng = np.random.default_rng(0)
+    flat = root / "flat"
+    flat.mkdir()
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, NUM_IMAGES + 1)]
+    for name in names:
+        pattern = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8).repeat(SIZE // 4, 0).repeat(SIZE // 4, 1)
+        Image.fromarray(pattern).save(flat / name, quality=95)
+    with torch.no_grad():
+        logits = model(torch.stack([_pixels(flat / n) for n in names]))
+    order = logits.argsort(dim=1, descending=True)
+    gaps = logits.sort(dim=1, descending=True).values.diff(dim=1).abs()
+    assert gaps[:, :8].min() > 1e-4, "pick another seed: near-tied logits make the expected ranks fragile"
+    labels = [int(order[i, r]) for i, r in enumerate(LABEL_RANKS)]
+    expected = {"top1": 100.0 * sum(r == 0 for r in LABEL_RANKS) / NUM_IMAGES,
+                "top5": 100.0 * sum(r < 5 for r in LABEL_RANKS) / NUM_IMAGES}
+
+    synsets = imagenet.synsets()
+    folders = root / "folders"
+    for wnid in synsets:
+        (folders / wnid).mkdir(parents=True)
+    for name, label in zip(names, labels):
+        (folders / synsets[label] / name).write_bytes((flat / name).read_bytes())
+
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"{Path(n).stem},{synsets[l]} 1 2 30 31 {synsets[l]} 3 4 20 21\n" for n, l in zip(names, labels)))
+    devkit = root / "devkit"
+    devkit.mkdir()
+    ids = rng.permutation(1000) + 1  # an ILSVRC2012_ID order that is not the sorted one
+    id_of = {synsets[i]: int(ids[i]) for i in range(1000)}
+    (devkit / "map_clsloc.txt").write_text("".join(f"{w} {id_of[w]} name_{w}\n" for w in sorted(synsets, key=id_of.get)))
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{id_of[synsets[l]]}\n" for l in labels))
+    return dict(root=root, checkpoint=checkpoint, folders=folders, flat=flat, devkit=devkit, expected=expected)
+
+
+def _args(valset, data, *extra):
+    args = ["--model", ARCH, "--data", str(data)] + [str(valset["checkpoint"]) if a is None else a for a in EVAL]
+    return args + [str(e) for e in extra]
+
+
+def _script(*args, launcher=(sys.executable,), env=None):
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([*launcher, str(ROOT / "eval" / "imagenet.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=run_env, timeout=300)
+
+
+def _report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    assert report["verdict"] is None and report["errors"] == []
+    (result,) = report["results"]
+    return result
+
+
+def test_folder_and_flat_layouts_give_the_independently_computed_accuracy(valset, tmp_path):
+    folder = _script(*_args(valset, valset["folders"], "--json-out", tmp_path / "folders.json"))
+    assert folder.returncode == 0, folder.stderr
+    result = _report(tmp_path / "folders.json")
+    assert result["top1"] == pytest.approx(valset["expected"]["top1"], abs=1e-9)
+    assert result["top5"] == pytest.approx(valset["expected"]["top5"], abs=1e-9)
+    assert 0 < result["top1"] < result["top5"] < 100
+    assert result["samples"] == NUM_IMAGES and result["published"] == [] and "checkpoint" in result["note"]
+    assert result["weights_sha256"] == hashlib.sha256(valset["checkpoint"].read_bytes()).hexdigest()
+    assert result["override"] == {"img_size": SIZE, "crop_pct": 1.0}
+    assert result["protocol"]["input_size"] == SIZE and result["protocol"]["resize"] == SIZE
+    assert set(result["versions"]) >= {"torch", "timm", "gczoo"} and result["device"].startswith("cpu")
+    assert f"top1 {result['top1']:.3f}" in folder.stdout and "no verdict" in folder.stdout
+
+    loc = _script(*_args(valset, valset["flat"], "--json-out", tmp_path / "loc.json"))
+    assert loc.returncode == 0, loc.stderr
+    devkit = _script(*_args(valset, valset["flat"], "--json-out", tmp_path / "devkit.json", "--ground-truth",
+                            valset["devkit"] / "ILSVRC2012_validation_ground_truth.txt", "--limit", 11))
+    assert devkit.returncode == 0, devkit.stderr
+    assert _report(tmp_path / "loc.json")["top1"] == result["top1"]
+    assert _report(tmp_path / "loc.json")["top5"] == result["top5"]
+    limited = _report(tmp_path / "devkit.json")
+    assert limited["samples"] == 11 and limited["limit"] == 11
+    assert limited["top1"] == pytest.approx(100.0 * sum(r == 0 for r in LABEL_RANKS[:11]) / 11)
+    assert limited["top5"] == pytest.approx(100.0 * sum(r < 5 for r in LABEL_RANKS[:11]) / 11)
+
+
+def test_two_gloo_processes_give_the_numbers_of_one(valset, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    both = _script(*_args(valset, valset["folders"], "--json-out", tmp_path / "two.json"), launcher=torchrun)
+    assert both.returncode == 0, both.stderr
+    result = _report(tmp_path / "two.json")
+    assert result["world_size"] == 2 and result["samples"] == NUM_IMAGES  # 15 images: ranks take 8 and 7
+    assert result["top1"] == pytest.approx(valset["expected"]["top1"], abs=1e-9)
+    assert result["top5"] == pytest.approx(valset["expected"]["top5"], abs=1e-9)
+    assert both.stdout.count("top1 ") == 1  # only rank 0 reports
+
+
+def _exit_code(*argv) -> int:
+    return common.main(imagenet.run, imagenet.build_parser(), [str(a) for a in argv])
+
+
+def test_bad_inputs_exit_with_2_and_name_the_problem(valset, tmp_path, capsys):
+    missing = _script("--model", ARCH + ".tv_in1k", "--data", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+
+    def bad(*argv, says):
+        assert _exit_code(*argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and says in err and "Traceback" not in err, err
+
+    wrong_layout = tmp_path / "photos"
+    wrong_layout.mkdir()
+    (wrong_layout / "cat.jpg").write_bytes((valset["flat"] / "ILSVRC2012_val_00000001.JPEG").read_bytes())
+    bad(*_args(valset, wrong_layout), says="neither ImageNet validation layout")
+
+    few = tmp_path / "few"
+    for wnid in imagenet.synsets()[:5]:
+        (few / wnid).mkdir(parents=True)
+    bad(*_args(valset, few), says="has 5 class folders")
+
+    foreign = tmp_path / "foreign"
+    for wnid in imagenet.synsets()[1:] + ["n99999999"]:
+        (foreign / wnid).mkdir(parents=True)
+    bad(*_args(valset, foreign), says="not ImageNet-1k synsets: n99999999")
+
+    bad("--model", "resnet50_gc_r4", "--data", valset["folders"], says="resnet50_gc_r4 has no ImageNet weights")
+    bad("--model", "resnet50_gc_r16.no_such_tag", "--data", valset["folders"], says="Unknown weights tag")
+    bad(*_args(valset, valset["flat"], "--ground-truth", valset["devkit"] / "missing.txt"), says="missing.txt")
+
+    no_ids = tmp_path / "gt_only"
+    no_ids.mkdir()
+    (no_ids / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        (valset["devkit"] / "ILSVRC2012_validation_ground_truth.txt").read_text())
+    bad(*_args(valset, valset["flat"], "--ground-truth", no_ids / "ILSVRC2012_validation_ground_truth.txt"),
+        says="meta.mat")
+
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    (unlabelled / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    bad(*_args(valset, unlabelled), says="no ground truth")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in sorted(os.listdir(valset["flat"]))[:3]:
+        (broken / name).write_bytes((valset["flat"] / name).read_bytes())
+    (broken / "ILSVRC2012_val_00000002.JPEG").write_bytes(b"not a jpeg")
+    bad(*_args(valset, broken, "--ground-truth", valset["root"] / "LOC_val_solution.csv", "--workers", "1"),
+        says="Cannot read image " + str(broken / "ILSVRC2012_val_00000002.JPEG"))
+
+
+def test_comparison_with_published_numbers():
+    published = [{"task": "imagenet-1k", "top1": 80.0, "top5": 95.0, "protocol": {"input_size": 224}, "source": "a"},
+                 {"task": "imagenet-1k", "top1": 79.8, "top5": 95.0, "protocol": {"input_size": 224}, "source": "b"}]
+    comparisons = common.compare({"top1": 79.95, "top5": 95.1}, published, tolerance=0.1)
+    assert [c["verdict"] for c in comparisons] == ["PASS", "FAIL"]
+    assert comparisons[0]["delta"] == {"top1": -0.05, "top5": 0.1}
+    assert comparisons[1]["delta"]["top1"] == pytest.approx(0.15)
+    assert common.verdict_of(comparisons) == "FAIL" and common.exit_code(["PASS", "FAIL"]) == 1
+    assert common.verdict_of(comparisons[:1]) == "PASS" and common.exit_code(["PASS", None]) == 0
+    assert common.verdict_of([]) is None

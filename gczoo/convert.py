@@ -14,6 +14,8 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+from .weights import WeightsError
+
 __all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_maskrcnn", "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
@@ -22,7 +24,7 @@ StateDict = Dict[str, torch.Tensor]
 _INSERTED_BLOCKS = (".context_block.", ".pre_block.")
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(WeightsError):
     """A checkpoint's keys or shapes do not fit the model after conversion."""
 
 

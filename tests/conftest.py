@@ -8,3 +8,5 @@ os.environ["HF_HOME"] = os.path.join(_CACHE_ROOT, "hf")
 os.environ["TORCH_HOME"] = os.path.join(_CACHE_ROOT, "torch")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("GCZOO_MIRROR", None)
+
+from loopback import file_server, hub_server, weights_env  # noqa: E402,F401  (fixtures for every test file)

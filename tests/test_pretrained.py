@@ -1,0 +1,139 @@
+"""Issue 3's end to end: a name becomes verified weights in a model, through every entry point.
+
+A loopback hub holds a checkpoint in the layout of ``timm/resnet50.tv_in1k`` (a torchvision
+ResNet-50 state dict in safetensors, random but fixed weights); the zoo's real manifest entry
+for ``resnet50_gc_r16.tv_in1k`` points at it through HF_ENDPOINT.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import gczoo
+from gczoo.convert import StateDictMismatchError
+from gczoo.gcify import gcify
+from gczoo.weights import WeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    for m in model.modules():  # non-trivial BN statistics, so a wrong load shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+
+
+def _publish(hub_server, repo_id, state_dict):
+    path = Path(hub_server.root) / repo_id / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return path
+
+
+def test_create_model_pretrained_equals_torchvision_online_then_offline(hub_server, resnet50, image, tmp_path):
+    _publish(hub_server, "timm/resnet50.tv_in1k", resnet50.state_dict())
+    with torch.no_grad():
+        expected = resnet50(image)
+        model = gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True).eval()
+        assert sum(isinstance(m, gczoo.ContextBlock) for m in model.modules()) == 13
+        torch.testing.assert_close(model(image), expected, rtol=0, atol=0)
+        # The same path from timm and torch.hub; the second and third loads come from the cache.
+        via_timm = timm.create_model("resnet50_gc_r16", pretrained=True).eval()
+        via_hub = torch.hub.load(str(ROOT), "resnet50_gc_r16", source="local", pretrained=True).eval()
+        torch.testing.assert_close(via_timm(image), expected, rtol=0, atol=0)
+        torch.testing.assert_close(via_hub(image), expected, rtol=0, atol=0)
+        # num_classes other than the checkpoint's: the backbone loads, the new head does not.
+        head10 = gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True, num_classes=10)
+        assert head10.fc.out_features == 10
+        torch.testing.assert_close(head10.layer4[2].conv3.weight, resnet50.layer4[2].conv3.weight, rtol=0, atol=0)
+    gets = [r for r in hub_server.requests if r.method == "GET"]
+    assert len(gets) == 1, "the file is downloaded once, then served from the cache"
+
+    # Server gone, HF_HUB_OFFLINE=1 from the start of a new process: the cache alone serves.
+    hub_server.stop()
+    torch.save({"image": image, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch, gczoo
+        io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
+        model = gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(io["image"]), io["expected"], rtol=0, atol=0)
+        print("offline ok")
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "offline ok" in out.stdout, out.stderr
+
+
+def test_offline_without_cache_says_how_to_prefetch(weights_env, tmp_path):
+    script = "import gczoo; gczoo.create_model('resnet101_gc_r16.tv2_in1k', pretrained=True)"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()
+    assert "resnet101_gc_r16" in out.stderr and "gczoo download" in out.stderr
+    assert any("WeightsUnavailableError" in line for line in last)
+
+
+def test_wrong_checkpoint_is_refused_with_its_keys(hub_server):
+    # A ResNet-18 published under the ResNet-50 repo: strict loading names what does not fit.
+    _publish(hub_server, "timm/resnet50.tv_in1k", torchvision.models.resnet18().state_dict())
+    with pytest.raises(StateDictMismatchError) as err:
+        gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True)
+    message = str(err.value)
+    assert "resnet50_gc_r16.tv_in1k" in message and "missing keys: " in message and "layer1.0.conv3.weight" in message
+    assert "shape mismatches: " in message and isinstance(err.value, WeightsError)
+
+
+def test_mirror_with_a_different_file_fails_integrity(weights_env, file_server, monkeypatch):
+    """GCZOO_MIRROR serves a file under the original name whose hash does not carry the name's prefix."""
+    target = Path(file_server.root) / "models" / "resnet50-0676ba61.pth"
+    target.parent.mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), target)
+    monkeypatch.setenv("GCZOO_MIRROR", file_server.url)
+    monkeypatch.setenv("HF_ENDPOINT", file_server.url)  # the hub source is unreachable there (404)
+    with pytest.raises(WeightsError) as err:
+        gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True)
+    assert "0676ba61" in str(err.value)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    left = [p.name for p in cache.rglob("resnet50-0676ba61*") if ".locks" not in p.parts]
+    assert not left, f"nothing may stay in the cache after an integrity failure: {left}"
+
+
+def test_local_file_and_gcify(weights_env, resnet50, image, tmp_path):
+    """A local torchvision .pth (read with weights_only) and a gcified torchvision model agree."""
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet50.state_dict(), path)
+    model = gczoo.create_model("resnet50_gc_r16", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    gcified = gcify(torchvision.models.resnet50()).eval()
+    gcified.load_state_dict(model.state_dict())  # one layout: layerN.i.context_block
+    with torch.no_grad():
+        expected = resnet50(image)
+        torch.testing.assert_close(model(image), expected, rtol=0, atol=0)
+        torch.testing.assert_close(gcified(image), expected, rtol=0, atol=0)
+        # Once the GC blocks are trained, both still compute the same function.
+        for net in (model, gcified):
+            torch.manual_seed(3)
+            for m in net.modules():
+                if isinstance(m, gczoo.ContextBlock):
+                    torch.nn.init.normal_(m.channel_add_conv[-1].weight, std=0.05)
+        changed = model(image)
+        assert (changed - expected).abs().max() > 1e-3
+        torch.testing.assert_close(gcified(image), changed, rtol=1e-4, atol=1e-4)

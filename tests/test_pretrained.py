@@ -137,3 +137,14 @@ def test_local_file_and_gcify(weights_env, resnet50, image, tmp_path):
         changed = model(image)
         assert (changed - expected).abs().max() > 1e-3
         torch.testing.assert_close(gcified(image), changed, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_family_weights_go_through_the_zoo(hub_server, image):
+    """timm's own GC models listed in the zoo: fetched and verified by gczoo, built by timm."""
+    torch.manual_seed(0)
+    source = timm.create_model("gcresnext26ts").eval()
+    _publish(hub_server, "timm/gcresnext26ts.ch_in1k", source.state_dict())
+    model = gczoo.create_model("gcresnext26ts", pretrained=True).eval()
+    assert model.pretrained_cfg["tag"] == "ch_in1k" and model.pretrained_cfg["file"].endswith(".safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), source(image), rtol=0, atol=0)

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import timm
 import torch
 import torch.distributed as torch_dist
 import torchvision
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import gczoo
@@ -243,19 +245,28 @@ def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = 
         tag, wentry = weights_entry(arch, tag)
         path = fetch(arch, tag, wentry)
         model = create_model(f"{arch}.{tag}", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    elif tag or entry["default_tag"]:
-        path = checkpoint
-        model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     else:
         path = checkpoint
-        model = create_model(arch, **kwargs)
-        check = filter_fn(arch, "checkpoint", "identity", str(path))
-        model.load_state_dict(check(timm.models.load_state_dict(str(path), weights_only=True), model))
+        try:
+            model = _from_checkpoint(name, arch, tag or entry["default_tag"], path, **kwargs)
+        except StateDictMismatchError:
+            raise
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+            raise BadInput(f"Cannot load checkpoint {path} into {name}: {err}") from None
     model = model.eval().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return LoadedModel(model=model, arch=arch, tag=tag, weights_file=Path(path).resolve(),
                        weights_sha256=sha256_of(path), checkpoint=checkpoint is not None)
+
+
+def _from_checkpoint(name: str, arch: str, tag: Optional[str], path: Path, **kwargs: Any) -> torch.nn.Module:
+    if tag:  # the tag's converter, as for downloaded weights
+        return create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    model = create_model(arch, **kwargs)
+    check = filter_fn(arch, "checkpoint", "identity", str(path))
+    model.load_state_dict(check(timm.models.load_state_dict(str(path), weights_only=True), model))
+    return model
 
 
 # --------------------------------------------------------------------------- published numbers

@@ -405,6 +405,8 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
             try:
                 records += evaluate_weights(name, samples, args, dist)
             except common.BAD_INPUT_ERRORS as err:
+                if isinstance(err, BadInput):  # the data's fault, not this tag's: stop
+                    raise
                 if dist.is_main:
                     print(f"error: {name}: {err}", file=sys.stderr, flush=True)
                 errors.append({"name": name, "error": str(err)})

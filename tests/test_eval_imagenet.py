@@ -92,9 +92,9 @@ def valset(tmp_path_factory):
     return dict(root=root, checkpoint=checkpoint, folders=folders, flat=flat, devkit=devkit, expected=expected)
 
 
-def _args(valset, data, *extra):
-    args = ["--model", ARCH, "--data", str(data)] + [str(valset["checkpoint"]) if a is None else a for a in EVAL]
-    return args + [str(e) for e in extra]
+def _args(valset, data, *extra, model=ARCH, checkpoint=True):
+    args = ["--model", model, "--data", str(data)] + [str(valset["checkpoint"]) if a is None else a for a in EVAL]
+    return (args if checkpoint else args[:4] + args[6:]) + [str(e) for e in extra]
 
 
 def _script(*args, launcher=(sys.executable,), env=None):
@@ -110,7 +110,7 @@ def _report(path: Path) -> dict:
     return result
 
 
-def test_folder_and_flat_layouts_give_the_independently_computed_accuracy(valset, tmp_path):
+def test_folder_and_flat_layouts_give_the_independently_computed_accuracy(valset, tmp_path, hub_server):
     folder = _script(*_args(valset, valset["folders"], "--json-out", tmp_path / "folders.json"))
     assert folder.returncode == 0, folder.stderr
     result = _report(tmp_path / "folders.json")
@@ -124,13 +124,20 @@ def test_folder_and_flat_layouts_give_the_independently_computed_accuracy(valset
     assert set(result["versions"]) >= {"torch", "timm", "gczoo"} and result["device"].startswith("cpu")
     assert f"top1 {result['top1']:.3f}" in folder.stdout and "no verdict" in folder.stdout
 
-    loc = _script(*_args(valset, valset["flat"], "--json-out", tmp_path / "loc.json"))
+    # the same file as the weights of a tag, downloaded from a loopback hub and verified
+    served = hub_server.root / "timm" / "resnet50.tv_in1k" / "model.safetensors"
+    served.parent.mkdir(parents=True)
+    served.write_bytes(valset["checkpoint"].read_bytes())
+    loc = _script(*_args(valset, valset["flat"], "--json-out", tmp_path / "loc.json", model=ARCH + ".tv_in1k",
+                         checkpoint=False))
     assert loc.returncode == 0, loc.stderr
+    tagged = _report(tmp_path / "loc.json")
+    assert tagged["tag"] == "tv_in1k" and not tagged["checkpoint"] and hub_server.gets("model.safetensors")
+    assert tagged["weights_sha256"] == result["weights_sha256"] and "not the 50000" in tagged["note"]
     devkit = _script(*_args(valset, valset["flat"], "--json-out", tmp_path / "devkit.json", "--ground-truth",
                             valset["devkit"] / "ILSVRC2012_validation_ground_truth.txt", "--limit", 11))
     assert devkit.returncode == 0, devkit.stderr
-    assert _report(tmp_path / "loc.json")["top1"] == result["top1"]
-    assert _report(tmp_path / "loc.json")["top5"] == result["top5"]
+    assert (tagged["top1"], tagged["top5"]) == (result["top1"], result["top5"])
     limited = _report(tmp_path / "devkit.json")
     assert limited["samples"] == 11 and limited["limit"] == 11
     assert limited["top1"] == pytest.approx(100.0 * sum(r == 0 for r in LABEL_RANKS[:11]) / 11)
@@ -192,6 +199,10 @@ def test_bad_inputs_exit_with_2_and_name_the_problem(valset, tmp_path, capsys):
     (unlabelled / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
     bad(*_args(valset, unlabelled), says="no ground truth")
 
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    bad("--model", ARCH, "--data", valset["folders"], "--checkpoint", garbage, says=f"Cannot load checkpoint {garbage}")
+
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in sorted(os.listdir(valset["flat"]))[:3]:
@@ -211,3 +222,22 @@ def test_comparison_with_published_numbers():
     assert common.verdict_of(comparisons) == "FAIL" and common.exit_code(["PASS", "FAIL"]) == 1
     assert common.verdict_of(comparisons[:1]) == "PASS" and common.exit_code(["PASS", None]) == 0
     assert common.verdict_of([]) is None
+
+
+def test_every_published_imagenet_number_is_measured_under_its_own_protocol():
+    """Each metric of each ImageNet tag lands in exactly one pass, whose transform is the metric's protocol."""
+    names = common.weights_with_metrics(imagenet.TASK)
+    assert names
+    for name in names:
+        with torch.device("meta"):
+            model = gczoo.create_model(name)
+        published = common.published_metrics(name, imagenet.TASK)
+        passes = imagenet.plan_passes(model, published, None, None)
+        assert sorted(id(m) for p in passes for m in p.published) == sorted(id(m) for m in published), name
+        for run in passes:
+            crop = next(t for t in run.transform.transforms if type(t).__name__ == "CenterCrop")
+            for metric in run.published:
+                protocol = metric["protocol"]
+                resize = protocol.get("resize", int(protocol["input_size"] / protocol["crop_pct"]))
+                assert run.protocol["resize"] == resize and list(crop.size) == [protocol["input_size"]] * 2, name
+                assert run.protocol["interpolation"] == protocol["interpolation"], name

@@ -272,11 +272,11 @@ def _protocol_args(metric: dict) -> dict:
                     interpolation=protocol["interpolation"])
     except (KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"ImageNet metric {metric['source']!r}: protocol {protocol} needs input_size, "
-                                   f"crop_pct and interpolation ({err}).") from None
+                            f"crop_pct and interpolation ({err}).") from None
     resize = protocol.get("resize")
     if resize is not None and math.floor(args["img_size"] / args["crop_pct"]) != resize:
         raise ManifestError(f"ImageNet metric {metric['source']!r}: protocol {protocol} resizes to {resize}, "
-                                   f"but its crop_pct gives {math.floor(args['img_size'] / args['crop_pct'])}.")
+                            f"but its crop_pct gives {math.floor(args['img_size'] / args['crop_pct'])}.")
     return args
 
 

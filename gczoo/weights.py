@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import pickle
 import re
@@ -59,7 +58,7 @@ import httpx2
 import requests
 import torch
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -75,9 +74,8 @@ __all__ = [
     "export",
 ]
 
-_logger = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20  # hashing block
+_DOWNLOAD_CHUNK = 64 << 10  # small, so that a connection dropping mid-chunk loses little
 _TIMEOUT = (10, 60)  # requests' (connect, read) timeouts in seconds
 _MAX_ATTEMPTS = 5  # URL download attempts, each one resuming where the previous one stopped
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -171,8 +169,11 @@ def export(
     to_dir.mkdir(parents=True, exist_ok=True)
     dest = to_dir / f"{model_name}.{tag}.safetensors"
     tmp = dest.with_name(dest.name + ".partial")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -195,21 +196,32 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
             f"{label}: hf_hub source {source['repo_id']}/{source['filename']} has format "
             f"{source.get('format')!r}; hub sources must be safetensors files"
         )
+    repo_id, filename = source["repo_id"], source["filename"]
+    revision = source.get("revision", "main")
+    cache_dir, endpoint, offline = _hf_cache_dir(), os.environ.get("HF_ENDPOINT"), _offline()
     try:
+        if not offline and not isinstance(
+            try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str
+        ):
+            # Probe once without retries: with nothing cached, hf_hub_download retries an
+            # unreachable hub with backoff for ~25 s before the next source could be tried.
+            get_hf_file_metadata(
+                hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), endpoint=endpoint
+            )
         path = hf_hub_download(
-            source["repo_id"],
-            source["filename"],
-            revision=source.get("revision", "main"),
-            cache_dir=_hf_cache_dir(),
-            endpoint=os.environ.get("HF_ENDPOINT"),
-            local_files_only=_offline(),
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+            local_files_only=offline,
             tqdm_class=None if progress else functools.partial(tqdm, disable=True),
         )
     except (OSError, httpx2.HTTPError) as err:
-        if _offline():
+        if offline:
             raise _Unavailable(
                 f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and not in the Hugging Face "
-                f"cache {_hf_cache_dir() or hf_constants.HF_HUB_CACHE}"
+                f"cache {cache_dir or hf_constants.HF_HUB_CACHE}"
             ) from err
         raise _Unavailable(_reason(err)) from err
 
@@ -235,7 +247,7 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
     if not (source.get("sha256") or source.get("sha256_prefix")):
         raise WeightsError(
             f"{label}: url source {source['url']} has neither 'sha256' nor 'sha256_prefix' in the "
-            "manifest, so it cannot be verified; add the prefix from the file name or run `gczoo pin`"
+            "manifest, so it cannot be verified; add the hash prefix carried in its file name"
         )
     url = _mirrored(source["url"])
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
@@ -294,7 +306,7 @@ def _download(url: str, partial: Path, progress: bool) -> None:
                     total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=partial.name[: -len(".partial")], disable=not progress,
                 ) as bar:
-                    for chunk in resp.iter_content(_CHUNK):
+                    for chunk in resp.iter_content(_DOWNLOAD_CHUNK):
                         f.write(chunk)
                         bar.update(len(chunk))
                         got += len(chunk)
@@ -337,6 +349,11 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
             f"{label}: refused to load {src.name}: it is not a plain tensor checkpoint "
             f"(torch.load(weights_only=True) rejected it: {_unpickler_reason(err)}). Unpickling it "
             "fully could run arbitrary code; the file was removed from the cache."
+        ) from err
+    except (RuntimeError, EOFError) as err:  # e.g. a truncated zip archive
+        src.unlink()
+        raise WeightsError(
+            f"{label}: cannot read {src.name} as a torch checkpoint ({_reason(err)}); removed"
         ) from err
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
@@ -412,7 +429,7 @@ def _reason(err: BaseException) -> str:
     while root.__cause__ is not None or root.__context__ is not None:
         root = root.__cause__ or root.__context__
     text = " ".join(f"{type(err).__name__}: {err}".split())
-    if root is not err:
+    if root is not err and str(root) not in text:
         text += " (caused by " + " ".join(f"{type(root).__name__}: {root}".split()) + ")"
     return text
 

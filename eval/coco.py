@@ -1,0 +1,335 @@
+"""Evaluate the zoo's COCO Mask R-CNN weights on val2017 and check mmdetection's published box/mask AP.
+
+    python eval/coco.py --model maskrcnn_resnet50_fpn_gc_r16 --data /data/coco
+    python eval/coco.py --all --data /data/coco --json-out coco.json
+    torchrun --nproc-per-node 8 eval/coco.py --all --data /data/coco
+
+Exit code: 0 PASS (or nothing to compare), 1 FAIL, 2 bad input.
+
+**Data.** ``--data`` holds ``val2017/`` (the images) and ``annotations/instances_val2017.json``
+(``--split`` picks another split, ``--annotations`` another file). Images are taken in image-id
+order, so ``--limit N`` evaluates the same first N images every time.
+
+**Protocol** (mmdetection 2.x's test pipeline, as the published numbers were made): one image
+per forward (``--batch-size 1``: a larger batch pads images to the largest one, and a GC block's
+global context pools over the padding), float32 (``--amp`` for float16 autocast on a GPU), the
+model's own resize / normalisation / thresholds (see :mod:`gczoo.models.detection`), boxes as
+``[x, y, w, h]`` with the detection score, masks thresholded at ``model.meta["mask_threshold"]``
+and RLE-encoded, both scored with pycocotools' ``COCOeval`` (AP@[.50:.95], all areas, 100
+detections). Labels are COCO category ids already.
+
+**Saved detections.** ``--save-predictions FILE`` writes the detections as a COCO results list
+(each entry with ``bbox`` and ``segmentation``); ``--predictions FILE [FILE ...]`` scores such
+files instead of running the model (also mmdetection's ``*.bbox.json`` / ``*.segm.json``), and
+compares them with the published numbers of ``--model``.
+
+A ``--checkpoint``, a ``--limit`` run, and a split other than the 5000 images of val2017 are
+reported without PASS/FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's gczoo and eval.common
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pycocotools import mask as mask_util  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
+
+from eval import common  # noqa: E402
+from eval.common import BadInput  # noqa: E402
+from gczoo.registry import model_entry, split_name  # noqa: E402
+from gczoo.weights import sha256_of  # noqa: E402
+
+TASK = "coco-2017-val"
+NUM_VAL_IMAGES = 5000
+FAMILY = "maskrcnn"
+#: metric name -> (pycocotools iouType, the result field it scores)
+IOU_TYPES = {"box_ap": ("bbox", "bbox"), "mask_ap": ("segm", "segmentation")}
+
+
+# --------------------------------------------------------------------------- data
+
+def _quiet():
+    """pycocotools prints progress on stdout; keep the script's output to its own lines."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def load_ground_truth(data: Path, split: str, annotations: Optional[Path]) -> Tuple[COCO, Path]:
+    """The annotations as a pycocotools ``COCO`` object, and the image folder."""
+    if not data.is_dir():
+        raise BadInput(f"--data {data} does not exist or is not a directory; give the COCO root "
+                       f"(with {split}/ and annotations/instances_{split}.json).")
+    annotations = annotations or data / "annotations" / f"instances_{split}.json"
+    if not annotations.is_file():
+        raise BadInput(f"Annotation file {annotations} does not exist. The COCO layout is "
+                       f"COCO_ROOT/annotations/instances_{split}.json (or pass --annotations FILE).")
+    images = data / split
+    if not images.is_dir():
+        raise BadInput(f"Image folder {images} does not exist. The COCO layout is COCO_ROOT/{split}/*.jpg.")
+    try:
+        with _quiet():
+            coco = COCO(str(annotations))
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        raise BadInput(f"{annotations} is not a COCO instances annotation file ({err.__class__.__name__}: {err}).") from None
+    if not coco.getImgIds():
+        raise BadInput(f"{annotations} lists no images.")
+    return coco, images
+
+
+def select_images(coco: COCO, images: Path, limit: Optional[int]) -> List[int]:
+    """Image ids in id order (the first ``limit``), each checked to exist on disk."""
+    ids = sorted(coco.getImgIds())[:limit]
+    missing = [coco.imgs[i]["file_name"] for i in ids if not (images / coco.imgs[i]["file_name"]).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise BadInput(f"{len(missing)} image(s) of the annotations are missing from {images}: "
+                       f"{', '.join(missing[:3])}{more}.")
+    return ids
+
+
+class CocoImages(Dataset):
+    """RGB images as float tensors in 0-1 (torchvision's detection input); an unreadable image
+    yields its error message instead of failing in a worker."""
+
+    def __init__(self, coco: COCO, folder: Path, ids: Sequence[int], indices: Sequence[int]):
+        self.coco, self.folder, self.ids, self.indices = coco, folder, ids, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        info = self.coco.imgs[self.ids[index]]
+        path = self.folder / info["file_name"]
+        try:  # pixels as stored: no EXIF rotation, the frame the annotations use
+            with Image.open(path) as pil:
+                image = pil_to_tensor(pil.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return torch.zeros(3, 1, 1), index, f"{path}: {err}"
+        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+            return torch.zeros(3, 1, 1), index, (f"{path} is {image.shape[2]}x{image.shape[1]}, the annotations say "
+                                                 f"{info['width']}x{info['height']}")
+        return image.float() / 255, index, ""
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+# --------------------------------------------------------------------------- detections and AP
+
+def to_coco_results(image_id: int, det: Dict[str, torch.Tensor], mask_threshold: float) -> List[dict]:
+    """One image's detections as COCO result entries (``bbox`` as x, y, w, h; ``segmentation`` as RLE)."""
+    boxes = det["boxes"].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    out = []
+    masks = None
+    if "masks" in det:
+        binary = (det["masks"][:, 0] >= mask_threshold).cpu().numpy().astype(np.uint8)
+        masks = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for k, (box, score, label) in enumerate(zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist())):
+        entry = {"image_id": image_id, "category_id": int(label), "bbox": [round(v, 3) for v in box], "score": round(score, 5)}
+        if masks is not None:
+            entry["segmentation"] = {"size": masks[k]["size"], "counts": masks[k]["counts"].decode("ascii")}
+        out.append(entry)
+    return out
+
+
+def average_precision(coco: COCO, results: List[dict], image_ids: Sequence[int], metric: str) -> float:
+    """pycocotools' AP@[.50:.95] (percent) of ``results`` on ``image_ids`` for ``box_ap``/``mask_ap``.
+
+    Entries are split as mmdetection does (bbox results without masks, segm results without
+    boxes), so a mask's area, not its box's, decides its area range. No detection at all is AP 0.
+    """
+    iou_type, key = IOU_TYPES[metric]
+    entries = [{k: v for k, v in r.items() if k in ("image_id", "category_id", "score", key)} for r in results if key in r]
+    if not entries:
+        return 0.0
+    with _quiet():
+        dt = coco.loadRes(entries)
+        evaluator = COCOeval(coco, dt, iou_type)
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return max(float(evaluator.stats[0]), 0.0) * 100  # pycocotools reports -1 when no ground truth
+
+
+def predict(model: torch.nn.Module, coco: COCO, folder: Path, ids: List[int], args: argparse.Namespace,
+            dist: common.Distributed) -> Tuple[List[dict], float]:
+    """Every image's COCO results (all ranks together) and images per second of the whole launch."""
+    dataset = CocoImages(coco, folder, ids, dist.shard(len(ids)))
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=_collate)
+    threshold = model.meta["mask_threshold"]
+    local: Dict[int, List[dict]] = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, indices, errors in common.progress(loader, total=len(loader), desc="coco", dist=dist):
+            unreadable = next((e for e in errors if e), None)
+            if unreadable:
+                raise BadInput(f"Cannot read image {unreadable}")
+            with common.autocast(dist.device, args.amp):
+                dets = model([im.to(dist.device) for im in images])
+            for index, det in zip(indices, dets):
+                local[index] = to_coco_results(ids[index], det, threshold)
+    gathered = dist.gather(local, len(ids))
+    seconds = time.perf_counter() - start
+    return [r for index in range(len(ids)) for r in gathered[index]], len(ids) / seconds
+
+
+def read_predictions(paths: Sequence[Path], coco: COCO, ids: Sequence[int]) -> List[dict]:
+    """COCO result entries from files, restricted to ``ids``; bad input if unusable."""
+    results: List[dict] = []
+    for path in paths:
+        if not path.is_file():
+            raise BadInput(f"Predictions file {path} does not exist.")
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadInput(f"Predictions file {path} is not JSON ({err}).") from None
+        if not isinstance(entries, list) or not entries:
+            raise BadInput(f"Predictions file {path} holds no detections; expected a non-empty COCO results list "
+                           "(entries with image_id, category_id, score and bbox and/or segmentation).")
+        for n, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and {"image_id", "category_id", "score"} <= set(entry)
+                    and ("bbox" in entry or "segmentation" in entry)):
+                raise BadInput(f"{path}, entry {n}: expected image_id, category_id, score and bbox and/or "
+                               f"segmentation, got {str(entry)[:120]}.")
+            if entry["image_id"] not in coco.imgs:
+                raise BadInput(f"{path}, entry {n}: image_id {entry['image_id']} is not in the annotations.")
+        results += entries
+    selected = set(ids)
+    return [r for r in results if r["image_id"] in selected]
+
+
+# --------------------------------------------------------------------------- one weights tag
+
+def _check_model(name: str) -> None:
+    entry = model_entry(name)
+    if entry["family"] != FAMILY:
+        raise BadInput(f"{split_name(name)[0]} is not a COCO detection model; `gczoo list 'maskrcnn*'` lists them.")
+
+
+def evaluate_weights(name: str, coco: COCO, folder: Path, ids: List[int], args: argparse.Namespace,
+                     dist: common.Distributed) -> dict:
+    """Measure (or score saved detections of) one weights tag; one report record, printed on rank 0."""
+    _check_model(name)
+    extra: dict = {}
+    if args.predictions:
+        arch, tag = split_name(name)
+        tag = tag or model_entry(arch)["default_tag"]
+        loaded = common.LoadedModel(model=None, arch=arch, tag=tag, weights_file=Path(args.predictions[0]),
+                                    weights_sha256="", checkpoint=False)
+        results = read_predictions(args.predictions, coco, ids)
+        extra = {"predictions_files": [str(p.resolve()) for p in args.predictions],
+                 "predictions_sha256": [sha256_of(p) for p in args.predictions]}
+    else:
+        loaded = common.load_model(name, dist.device, checkpoint=args.checkpoint)
+        results, speed = predict(loaded.model, coco, folder, ids, args, dist)
+        extra = {"images_per_s": round(speed, 3), "amp": dist.device.type == "cuda" and args.amp,
+                 "batch_size": args.batch_size}
+        if dist.is_main and args.save_predictions is not None:
+            _write_json(args.save_predictions, results)
+    # saved predictions may hold boxes only (or masks only): measure what they hold
+    scored = [m for m, (_, key) in IOU_TYPES.items() if not args.predictions or any(key in r for r in results)]
+    metrics = {m: average_precision(coco, results, ids, m) for m in scored}
+    note = None
+    if args.checkpoint:
+        note = "weights from --checkpoint: no published number to compare"
+    elif args.limit is not None:
+        note = f"quick check on the first {len(ids)} images (--limit): not compared"
+    elif len(ids) != NUM_VAL_IMAGES:
+        note = f"{len(ids)} images, not the {NUM_VAL_IMAGES} of val2017: not compared"
+    published = [] if args.checkpoint else common.published_metrics(loaded.name, TASK)
+    comparisons = [] if note else common.compare(metrics, published, args.tolerance)
+    rec = common.record(loaded, task=TASK, metrics=metrics, comparisons=comparisons, protocol=_protocol(args),
+                        dist=dist, samples=len(ids), limit=args.limit,
+                        note=note or (None if comparisons else "no published number to compare"),
+                        detections=len(results), **extra)
+    if args.predictions:  # no weights were involved
+        rec.update(weights_file=None, weights_sha256=None)
+    if dist.is_main:
+        print(_describe(rec), flush=True)
+    return rec
+
+
+def _write_json(path: Path, data) -> None:
+    """Write JSON atomically: a partial file never carries the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _protocol(args: argparse.Namespace) -> dict:
+    return {"split": args.split, "metric": "pycocotools COCOeval AP@[.50:.95], bbox and segm",
+            "batch_size": args.batch_size, "source": "saved predictions" if args.predictions else "model"}
+
+
+def _describe(rec: dict) -> str:
+    name = f"{rec['model']}.{rec['tag']}" if rec["tag"] else rec["model"]
+    values = ", ".join(f"{k} {rec[k]:.2f}" for k in IOU_TYPES if k in rec)
+    lines = [f"{name}: {values} on {rec['samples']} images, {rec['detections']} detections, {rec['device']}"]
+    for c in rec["published"]:
+        lines.append(f"  {c['verdict']}: published " + ", ".join(f"{k} {v}" for k, v in c["values"].items())
+                     + "; delta " + ", ".join(f"{k} {v:+.2f}" for k, v in c["delta"].items()) + f" ({c['source']})")
+    if rec["note"]:
+        lines.append(f"  no verdict: {rec['note']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, dist: common.Distributed) -> int:
+    if args.predictions and (args.all or args.checkpoint):
+        raise BadInput("--predictions scores saved detections of one --model; it takes neither --all nor --checkpoint.")
+    names = [args.model] if args.model is not None else common.weights_with_metrics(TASK)
+    for name in names:  # a wrong model name fails before the data is read
+        _check_model(name)
+    coco, folder = load_ground_truth(args.data, args.split, args.annotations)
+    ids = select_images(coco, folder, args.limit)
+    records, errors = [], []
+    for name in names:
+        try:
+            records.append(evaluate_weights(name, coco, folder, ids, args, dist))
+        except common.BAD_INPUT_ERRORS as err:
+            if args.model is not None or isinstance(err, BadInput):
+                raise
+            if dist.is_main:
+                print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+            errors.append({"name": name, "error": str(err)})
+    if dist.is_main and args.json_out is not None:
+        common.write_report(args.json_out, records, errors)
+    return common.EXIT_BAD_INPUT if errors else common.exit_code(r["verdict"] for r in records)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
+    common.add_common_args(parser, batch_size=1, tolerance=0.2)
+    parser.add_argument("--amp", dest="amp", action="store_true",
+                        help="on GPU, run under float16 autocast (default: float32, as the published numbers)")
+    parser.set_defaults(amp=False)
+    parser.add_argument("--split", default="val2017", help="image folder and annotation name (default val2017)")
+    parser.add_argument("--annotations", type=Path, metavar="FILE",
+                        help="instances annotation file (default: COCO_ROOT/annotations/instances_SPLIT.json)")
+    parser.add_argument("--save-predictions", type=Path, metavar="FILE", help="write the detections as COCO results JSON")
+    parser.add_argument("--predictions", type=Path, nargs="+", metavar="FILE",
+                        help="score saved COCO results (ours, or mmdetection's .bbox.json/.segm.json) instead of "
+                             "running the model")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(common.main(run, build_parser()))

@@ -1,0 +1,201 @@
+"""``eval/coco.py`` on a COCO-format dataset written here (images with boxes and polygons).
+
+Saved detections (``--predictions``) are scored against AP computed here with pycocotools
+directly; the model path runs a real Mask R-CNN loaded from an mmdetection-layout checkpoint,
+in one process and in two gloo processes under torchrun.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval import coco, common  # noqa: E402
+from mmdet_layout import mmdet_maskrcnn_state_dict, write_checkpoint  # noqa: E402
+
+MODEL = "maskrcnn_resnet50_fpn_gc_r16.mmdet_1x_coco"  # published: box 39.7, mask 35.9
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 13, "name": "stop sign"}]
+#: per image: (category id, polygon) -- polygons, so masks are not just boxes
+OBJECTS = [
+    [(1, [10, 10, 40, 12, 38, 50, 12, 44]), (3, [50, 30, 75, 30, 75, 55, 50, 55])],
+    [(13, [20, 5, 60, 5, 60, 45, 40, 58, 20, 45])],
+    [(1, [5, 5, 30, 5, 30, 30]), (1, [40, 20, 70, 22, 66, 58, 44, 56]), (3, [2, 40, 30, 40, 30, 60, 2, 60])],
+]
+H, W = 64, 80
+
+
+def _write_dataset(root: Path, extra_images: int = 0) -> Path:
+    """COCO layout: val2017/*.png and annotations/instances_val2017.json (``extra_images`` unannotated)."""
+    from pycocotools import mask as mask_util
+
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    gen = torch.Generator().manual_seed(0)
+    for i, objects in enumerate(OBJECTS, start=1):
+        name = f"{i:012d}.png"
+        pixels = torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=gen)
+        Image.fromarray(pixels.numpy()).save(root / "val2017" / name)
+        images.append({"id": i, "file_name": name, "height": H, "width": W})
+        for cat, poly in objects:
+            rle = mask_util.merge(mask_util.frPyObjects([poly], H, W))
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": cat, "segmentation": [poly],
+                                "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": 0})
+    for i in range(len(OBJECTS) + 1, len(OBJECTS) + 1 + extra_images):  # listed, never read with --predictions
+        name = f"{i:012d}.png"
+        (root / "val2017" / name).touch()
+        images.append({"id": i, "file_name": name, "height": H, "width": W})
+    ann = root / "annotations" / "instances_val2017.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return ann
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    return root, _write_dataset(root)
+
+
+def _run(*argv) -> int:
+    return common.main(coco.run, coco.build_parser(), [str(a) for a in argv])
+
+
+def _report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    assert len(report["results"]) == 1
+    return report["results"][0]
+
+
+def _pycocotools_ap(ann: Path, results: list, iou_type: str) -> float:
+    gt = COCO(str(ann))
+    evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats[0] * 100
+
+
+def _ground_truth_as_results(ann: Path) -> list:
+    gt = COCO(str(ann))
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+             "segmentation": {**gt.annToRLE(a), "counts": gt.annToRLE(a)["counts"].decode()}}
+            for a in gt.dataset["annotations"]]
+
+
+def test_ground_truth_as_predictions_gives_ap_100(dataset, tmp_path):
+    root, ann = dataset
+    preds = tmp_path / "gt.json"
+    preds.write_text(json.dumps(_ground_truth_as_results(ann)))
+    assert _run("--model", MODEL, "--data", root, "--predictions", preds, "--json-out", tmp_path / "r.json") == 0
+    rec = _report(tmp_path / "r.json")
+    assert rec["box_ap"] == pytest.approx(100.0) and rec["mask_ap"] == pytest.approx(100.0)
+    assert rec["verdict"] is None and "not the 5000" in rec["note"] and rec["detections"] == 6
+
+
+def test_shifted_boxes_give_the_ap_of_pycocotools(dataset, tmp_path):
+    root, ann = dataset
+    results = [{"image_id": r["image_id"], "category_id": r["category_id"], "score": 0.9 - 0.1 * k,
+                "bbox": [r["bbox"][0] + 2 + k, r["bbox"][1] + 3, r["bbox"][2], r["bbox"][3] - k]}
+               for k, r in enumerate(_ground_truth_as_results(ann))]
+    results.append({"image_id": 2, "category_id": 1, "score": 0.95, "bbox": [0, 0, 20, 20]})  # a false positive
+    preds = tmp_path / "shifted.json"
+    preds.write_text(json.dumps(results))
+    assert _run("--model", MODEL, "--data", root, "--predictions", preds, "--json-out", tmp_path / "r.json") == 0
+    rec = _report(tmp_path / "r.json")
+    expected = _pycocotools_ap(ann, results, "bbox")
+    assert 0 < expected < 100
+    assert rec["box_ap"] == pytest.approx(expected, abs=1e-9) and "mask_ap" not in rec
+
+
+def test_full_size_split_is_compared_with_the_published_ap(tmp_path):
+    ann = _write_dataset(tmp_path / "full", extra_images=coco.NUM_VAL_IMAGES - len(OBJECTS))
+    preds = tmp_path / "gt.json"
+    preds.write_text(json.dumps(_ground_truth_as_results(ann)))
+    argv = ["--model", MODEL, "--data", tmp_path / "full", "--predictions", preds]
+    assert _run(*argv, "--json-out", tmp_path / "fail.json") == 1  # 100 AP is not mmdetection's 39.7 / 35.9
+    rec = _report(tmp_path / "fail.json")
+    assert rec["verdict"] == "FAIL" and rec["published"][0]["values"] == {"box_ap": 39.7, "mask_ap": 35.9}
+    assert rec["delta"] == [{"box_ap": pytest.approx(60.3), "mask_ap": pytest.approx(64.1)}]
+    assert _run(*argv, "--tolerance", "65", "--json-out", tmp_path / "pass.json") == 0
+    assert _report(tmp_path / "pass.json")["verdict"] == "PASS"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    state = mmdet_maskrcnn_state_dict((3, 4, 6, 3), gc_ratio=1 / 16)
+    state["roi_head.bbox_head.fc_cls.bias"][:] = 0
+    state["roi_head.bbox_head.fc_cls.bias"][0] = 6.0  # "person" (COCO id 1) wins every RoI
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "mask_rcnn_gc.pth", state)
+
+
+def test_model_predictions_one_process_and_two_gloo_processes(dataset, checkpoint, tmp_path):
+    root, ann = dataset
+    argv = ["--model", MODEL, "--checkpoint", checkpoint, "--data", root, "--limit", "2", "--device", "cpu",
+            "--workers", "0"]
+    # one thread per process, as torchrun gives each rank: the same arithmetic, so the same detections
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(ROOT / "eval" / "coco.py"), *map(str, argv), "--json-out", tmp_path / "one.json",
+                          "--save-predictions", tmp_path / "one_preds.json"], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
+    assert one.returncode == 0, one.stderr
+    rec = _report(tmp_path / "one.json")
+    assert rec["verdict"] is None and "--checkpoint" in rec["note"] and rec["samples"] == 2
+    saved = json.loads((tmp_path / "one_preds.json").read_text())
+    assert rec["detections"] == len(saved) > 0 and {r["image_id"] for r in saved} == {1, 2}
+    assert {r["category_id"] for r in saved} == {1} and all("segmentation" in r for r in saved)
+    gt = COCO(str(ann))
+    for key, iou_type in (("box_ap", "bbox"), ("mask_ap", "segm")):
+        kept = [{k: v for k, v in r.items() if k != ("segmentation" if iou_type == "bbox" else "bbox")} for r in saved]
+        evaluator = COCOeval(gt, gt.loadRes(kept), iou_type)
+        evaluator.params.imgIds = [1, 2]
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+        assert rec[key] == pytest.approx(max(evaluator.stats[0], 0) * 100, abs=1e-9)
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = subprocess.run([*torchrun, str(ROOT / "eval" / "coco.py"), *map(str, argv), "--json-out", tmp_path / "two.json",
+                          "--save-predictions", tmp_path / "two_preds.json"], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
+    assert two.returncode == 0, two.stderr
+    assert json.loads((tmp_path / "two_preds.json").read_text()) == saved
+    both = _report(tmp_path / "two.json")
+    assert both["world_size"] == 2 and (both["box_ap"], both["mask_ap"]) == (rec["box_ap"], rec["mask_ap"])
+
+
+def test_bad_inputs_exit_with_2_and_name_the_problem(dataset, tmp_path, capsys):
+    root, ann = dataset
+
+    def bad(*argv, says):
+        assert _run(*argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and says in err and "Traceback" not in err, err
+
+    bad("--model", MODEL, "--data", tmp_path, says=str(tmp_path / "annotations" / "instances_val2017.json"))
+    broken = tmp_path / "broken"
+    _write_dataset(broken)
+    (broken / "val2017" / "000000000002.png").unlink()
+    bad("--model", MODEL, "--data", broken, says="missing from " + str(broken / "val2017") + ": 000000000002.png")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    bad("--model", MODEL, "--data", root, "--predictions", empty, says=f"{empty} holds no detections")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps([{"image_id": 99, "category_id": 1, "score": 1.0, "bbox": [0, 0, 1, 1]}]))
+    bad("--model", MODEL, "--data", root, "--predictions", foreign, says="image_id 99 is not in the annotations")
+    bad("--model", "resnet50_gc_r16", "--data", root, says="not a COCO detection model")
+    bad("--model", "maskrcnn_resnet50_fpn.no_such_tag", "--data", root, says="Unknown weights tag")
+    not_coco = tmp_path / "notcoco"
+    (not_coco / "val2017").mkdir(parents=True)
+    (not_coco / "annotations").mkdir()
+    (not_coco / "annotations" / "instances_val2017.json").write_text('{"images": "oops"}')
+    bad("--model", MODEL, "--data", not_coco, says="is not a COCO instances annotation file")

@@ -299,19 +299,9 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
         _check_model(name)
     coco, folder = load_ground_truth(args.data, args.split, args.annotations)
     ids = select_images(coco, folder, args.limit)
-    records, errors = [], []
-    for name in names:
-        try:
-            records.append(evaluate_weights(name, coco, folder, ids, args, dist))
-        except common.BAD_INPUT_ERRORS as err:
-            if args.model is not None or isinstance(err, BadInput):
-                raise
-            if dist.is_main:
-                print(f"error: {name}: {err}", file=sys.stderr, flush=True)
-            errors.append({"name": name, "error": str(err)})
-    if dist.is_main and args.json_out is not None:
-        common.write_report(args.json_out, records, errors)
-    return common.EXIT_BAD_INPUT if errors else common.exit_code(r["verdict"] for r in records)
+    records, errors = common.evaluate_each(names, lambda name: [evaluate_weights(name, coco, folder, ids, args, dist)],
+                                           dist, keep_going=args.model is None)
+    return common.finish(records, errors, args.json_out, dist)
 
 
 def build_parser() -> argparse.ArgumentParser:

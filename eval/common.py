@@ -48,7 +48,7 @@ from gczoo.weights import WeightsError, fetch, sha256_of
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
     "add_common_args", "main", "load_model", "published_metrics", "weights_with_metrics", "compare",
-    "verdict_of", "exit_code", "record", "write_report", "versions", "progress", "autocast", "format_table",
+    "verdict_of", "exit_code", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table",
 ]
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -318,6 +318,35 @@ def verdict_of(comparisons: Sequence[dict]) -> Optional[str]:
 def exit_code(verdicts: Iterable[Optional[str]]) -> int:
     """:data:`EXIT_FAIL` if any verdict is FAIL, else :data:`EXIT_PASS` (no verdict is not a failure)."""
     return EXIT_FAIL if any(v == FAIL for v in verdicts) else EXIT_PASS
+
+
+def evaluate_each(names: Sequence[str], evaluate: Callable[[str], List[dict]], dist: "Distributed",
+                  keep_going: bool) -> tuple:
+    """``(records, errors)`` of ``evaluate(name)`` (a list of report records) for every weights tag.
+
+    With ``keep_going`` (``--all``), a tag whose model or weights are bad input is reported as an
+    error and the others still run; :class:`BadInput` (the data's fault) always stops.
+    """
+    records: List[dict] = []
+    errors: List[dict] = []
+    for name in names:
+        try:
+            records += evaluate(name)
+        except BAD_INPUT_ERRORS as err:
+            if not keep_going or isinstance(err, BadInput):
+                raise
+            if dist.is_main:
+                print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+            errors.append({"name": name, "error": str(err)})
+    return records, errors
+
+
+def finish(records: List[dict], errors: List[dict], json_out: Optional[Path], dist: "Distributed") -> int:
+    """Write the report (rank 0, with ``--json-out``) and return the exit code: bad input if a tag
+    errored, else :func:`exit_code` of the verdicts."""
+    if dist.is_main and json_out is not None:
+        write_report(json_out, records, errors)
+    return EXIT_BAD_INPUT if errors else exit_code(r["verdict"] for r in records)
 
 
 # --------------------------------------------------------------------------- reports

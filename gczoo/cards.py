@@ -68,19 +68,39 @@ def model_card(name: str) -> str:
     return "\n".join(lines)
 
 
+def _table_cell(metrics: List[dict], task: str) -> str:
+    """Compact results of one task: ``76.13 / 92.862 @224 crop 0.875`` per metric (ImageNet), ``39.7 / 35.9`` (COCO)."""
+    cells = []
+    for m in metrics:
+        if m["task"] != task:
+            continue
+        if task == "imagenet-1k":
+            where = m["protocol"].get("input_size")
+            cells.append(f"{m['top1']} / {m['top5']}" + (f" @{where} crop {m['protocol']['crop_pct']}" if where else ""))
+        else:
+            cells.append(f"{m['box_ap']} / {m['mask_ap']}")
+    return "; ".join(cells) or "-"
+
+
 def model_table() -> str:
-    """The README's model table (markdown): one row per weights tag, then architectures without weights."""
+    """The README's model table (markdown): one row per weights tag, and per architecture without weights.
+
+    Results are the published numbers of the manifest; `gczoo info NAME` gives each one's source
+    and full protocol.
+    """
     models = load_manifest()["models"]
-    rows: List[str] = ["| model | weights tag | params (M) | published results (source in `gczoo info`) |",
-                       "|---|---|---|---|"]
+    rows: List[str] = ["| model | weights tag | params (M) | ImageNet-1k top-1 / top-5 | COCO val2017 box / mask AP |",
+                       "|---|---|---|---|---|"]
     for arch in sorted(models, key=lambda a: (models[a]["family"], a)):
         model = models[arch]
         params = f"{model_info(arch)['params'] / 1e6:.2f}"
         if not model["weights"]:
-            published = "; ".join(f"{metric_values(m)} (paper, no weights)" for m in model.get("published", []))
-            rows.append(f"| `{arch}` | - | {params} | {published or '-'} |")
+            published = model.get("published", [])
+            imagenet = _table_cell(published, "imagenet-1k")
+            imagenet += " (paper, no weights)" if published else ""
+            rows.append(f"| `{arch}` | - | {params} | {imagenet} | - |")
         for tag, entry in model["weights"].items():
-            results = "; ".join(f"{metric_values(m)} @ {_protocol(m['protocol'])}" for m in entry["metrics"])
-            rows.append(f"| `{arch}` | `{tag}`{' (default)' if tag == model['default_tag'] else ''} | "
-                        f"{params} | {results} |")
+            default = " (default)" if tag == model["default_tag"] else ""
+            rows.append(f"| `{arch}` | `{tag}`{default} | {params} | {_table_cell(entry['metrics'], 'imagenet-1k')} | "
+                        f"{_table_cell(entry['metrics'], 'coco-2017-val')} |")
     return "\n".join([TABLE_START, *rows, TABLE_END])

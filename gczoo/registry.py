@@ -135,15 +135,19 @@ def _cfg_tag(pretrained_cfg: Any) -> Optional[str]:
 
 
 def _overlay_weights_file(arch: str, tag: str, entry: dict, kwargs: dict) -> dict:
-    """Point ``pretrained_cfg_overlay`` at a verified local file, unless the caller gave one.
+    """Point ``pretrained_cfg_overlay`` at verified weights.
 
     The caller may pass ``pretrained_cfg_overlay=dict(file=...)`` (timm's convention) to load a
-    local checkpoint; otherwise :func:`gczoo.weights.fetch` downloads and verifies the tag's weights.
+    local checkpoint: it is read safely by :func:`gczoo.weights.load_checkpoint` (pickles only
+    with ``weights_only=True``) and handed to timm as a state dict. Otherwise
+    :func:`gczoo.weights.fetch` downloads and verifies the tag's weights.
     """
     from . import weights
 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if not (overlay.get("file") or overlay.get("state_dict")):
+    if overlay.get("file") and not overlay.get("state_dict"):
+        overlay["state_dict"] = weights.load_checkpoint(overlay["file"], f"{arch}.{tag}")
+    elif not overlay.get("state_dict"):
         overlay["file"] = str(weights.fetch(arch, tag, entry))
     kwargs["pretrained_cfg_overlay"] = overlay
     return overlay

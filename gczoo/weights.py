@@ -54,13 +54,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import filelock
-import httpx2
 import requests
 import torch
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HTTPError as HubHTTPError  # the hub client's transport errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "WeightsIntegrityError",
     "UnsafePickleError",
     "fetch",
+    "load_checkpoint",
     "sha256_of",
     "pin",
     "export",
@@ -217,7 +218,7 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
             local_files_only=offline,
             tqdm_class=None if progress else functools.partial(tqdm, disable=True),
         )
-    except (OSError, httpx2.HTTPError) as err:
+    except (OSError, HubHTTPError) as err:
         if offline:
             raise _Unavailable(
                 f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and not in the Hugging Face "
@@ -334,27 +335,32 @@ def _verify(path: Path, source: dict, label: str, origin: str) -> str:
     return actual
 
 
-def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str, str]) -> None:
-    """Load a pickle checkpoint safely and write its state dict atomically as safetensors.
+def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Read a local checkpoint safely: safetensors, or a pickle through ``torch.load(weights_only=True)``.
 
     mmdetection-style files ``{"state_dict": ..., "meta": ...}`` and ``{"model": ...}`` files are
-    unwrapped. Tensors sharing storage (tied weights) or not owning their whole storage are
-    cloned, since safetensors stores each tensor on its own.
+    unwrapped. Anything but a mapping of names to tensors is refused with :class:`WeightsError`
+    (:class:`UnsafePickleError` when the pickle would need more than tensors and plain containers).
+    The file is never modified.
     """
+    src = Path(path)
+    if not src.is_file():
+        raise WeightsError(f"{label}: no checkpoint file at {src}")
+    if src.suffix == ".safetensors":
+        try:
+            return load_file(src)
+        except Exception as err:  # safetensors raises its own SafetensorError for bad headers
+            raise WeightsError(f"{label}: cannot read {src} as safetensors ({_reason(err)})") from err
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        src.unlink()
         raise UnsafePickleError(
             f"{label}: refused to load {src.name}: it is not a plain tensor checkpoint "
             f"(torch.load(weights_only=True) rejected it: {_unpickler_reason(err)}). Unpickling it "
-            "fully could run arbitrary code; the file was removed from the cache."
+            "fully could run arbitrary code."
         ) from err
     except (RuntimeError, EOFError) as err:  # e.g. a truncated zip archive
-        src.unlink()
-        raise WeightsError(
-            f"{label}: cannot read {src.name} as a torch checkpoint ({_reason(err)}); removed"
-        ) from err
+        raise WeightsError(f"{label}: cannot read {src.name} as a torch checkpoint ({_reason(err)})") from err
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
     if not isinstance(obj, Mapping):
@@ -366,8 +372,22 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
             None,
         )
     if problem is not None:
+        raise WeightsError(f"{label}: {src.name} does not hold a state dict of tensors (found {problem})")
+    return dict(obj)
+
+
+def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str, str]) -> None:
+    """Load a downloaded pickle checkpoint safely and write its state dict atomically as safetensors.
+
+    A file that :func:`load_checkpoint` refuses is removed from the cache. Tensors sharing
+    storage (tied weights) or not owning their whole storage are cloned, since safetensors
+    stores each tensor on its own.
+    """
+    try:
+        obj = load_checkpoint(src, label)
+    except WeightsError as err:
         src.unlink()
-        raise WeightsError(f"{label}: {src.name} does not hold a state dict of tensors (found {problem}); removed")
+        raise type(err)(f"{err}; the file was removed from the cache") from err.__cause__
 
     tensors, seen = {}, set()
     for key, value in obj.items():

@@ -133,20 +133,16 @@ def test_model_info():
     assert "cao2019gcnet" in info["citation"]
 
 
-def test_torch_hub(tmp_path):
+def test_torch_hub(tmp_path, monkeypatch):
     model = torch.hub.load(str(ROOT), "resnet50_gc_r16", source="local", num_classes=7, gc_ratio=0.25)
     assert model.fc.out_features == 7 and model.layer2[0].context_block.channel_add_conv[0].out_channels == 128
     # torch.hub.list/help read a GitHub repo from torch.hub's cache: put this checkout there.
     hub_dir = tmp_path / "hub"
     shutil.copytree(ROOT, hub_dir / "org_gczoo_main", symlinks=False,
                     ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "tests"))
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(hub_dir))
-    try:
-        names = torch.hub.list("org/gczoo:main", trust_repo=True, skip_validation=True, verbose=False)
-        doc = torch.hub.help("org/gczoo:main", "resnet50_gc_r16", trust_repo=True, skip_validation=True)
-    finally:
-        torch.hub.set_dir(old)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub's dir is $TORCH_HOME/hub
+    names = torch.hub.list("org/gczoo:main", trust_repo=True, skip_validation=True, verbose=False)
+    doc = torch.hub.help("org/gczoo:main", "resnet50_gc_r16", trust_repo=True, skip_validation=True)
     assert names == gczoo.list_models()
     assert "tv_in1k (default)" in doc and "76.13" in doc
 

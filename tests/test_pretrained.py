@@ -148,3 +148,22 @@ def test_timm_family_weights_go_through_the_zoo(hub_server, image):
     assert model.pretrained_cfg["tag"] == "ch_in1k" and model.pretrained_cfg["file"].endswith(".safetensors")
     with torch.no_grad():
         torch.testing.assert_close(model(image), source(image), rtol=0, atol=0)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch gczoo-pwned",))
+
+
+def test_local_files_are_read_safely(weights_env, tmp_path, monkeypatch):
+    """A local pickle is read with weights_only=True: code in it never runs, the error says why."""
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": _RunsCode()}}, evil)
+    with pytest.raises(WeightsError, match="refused to load evil.pth"):
+        gczoo.create_model("resnet50_gc_r16", pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
+    assert not (tmp_path / "gczoo-pwned").exists() and evil.exists()  # a user's file is never deleted
+    with pytest.raises(WeightsError, match="no checkpoint file at"):
+        gczoo.create_model("resnet50_gc_r16", pretrained=True, pretrained_cfg_overlay=dict(file="nope.pth"))

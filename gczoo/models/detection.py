@@ -35,10 +35,8 @@ zero-size ones), and NMS runs on boxes in the resized image rather than the orig
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,7 +51,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .. import registry
-from ..weights import WeightsError
+from ..weights import load_checkpoint
 from .gc_resnet import GCResNet
 
 __all__ = [
@@ -311,18 +309,6 @@ class MMDetMaskRCNN(MaskRCNN):
 _BODY_ARGS = ("layers", "groups", "base_width", "gc_stages", "gc_ratio", "gc_pooling", "gc_fusion")
 
 
-def _read_state_dict(file: str) -> Dict[str, Tensor]:
-    """A state dict from a safetensors file or a pickle (read with ``weights_only=True``;
-    mmdetection's ``{"state_dict", "meta"}`` files are unwrapped)."""
-    if not Path(file).is_file():
-        raise WeightsError(f"weights file {file} does not exist; pass an existing file as pretrained_cfg_overlay=dict(file=...)")
-    try:
-        return timm.models.load_state_dict(str(file), weights_only=True)
-    except Exception as err:  # unpickling refusals and corrupt files alike
-        raise WeightsError(f"cannot read weights from {file}: {err.__class__.__name__}: {str(err).splitlines()[0]} "
-                           "(expected a safetensors file or a plain tensor checkpoint)") from None
-
-
 def build(arch: str, pretrained: bool = False, *, pretrained_cfg: Any = None,
           pretrained_cfg_overlay: Optional[dict] = None, pretrained_filter_fn=None, **kwargs: Any) -> MMDetMaskRCNN:
     """Build ``arch`` of the manifest's ``maskrcnn`` family (called by :mod:`gczoo.registry`).
@@ -348,7 +334,7 @@ def build(arch: str, pretrained: bool = False, *, pretrained_cfg: Any = None,
         overlay = pretrained_cfg_overlay or {}
         state_dict = overlay.get("state_dict")
         if state_dict is None:
-            state_dict = _read_state_dict(overlay["file"])
+            state_dict = load_checkpoint(overlay["file"], f"{arch} weights")
         if pretrained_filter_fn is not None:
             state_dict = pretrained_filter_fn(state_dict, model)
         model.load_state_dict(state_dict, strict=True)

@@ -246,13 +246,7 @@ def evaluate_weights(name: str, coco: COCO, folder: Path, ids: List[int], args: 
     # saved predictions may hold boxes only (or masks only): measure what they hold
     scored = [m for m, (_, key) in IOU_TYPES.items() if not args.predictions or any(key in r for r in results)]
     metrics = {m: average_precision(coco, results, ids, m) for m in scored}
-    note = None
-    if args.checkpoint:
-        note = "weights from --checkpoint: no published number to compare"
-    elif args.limit is not None:
-        note = f"quick check on the first {len(ids)} images (--limit): not compared"
-    elif len(ids) != NUM_VAL_IMAGES:
-        note = f"{len(ids)} images, not the {NUM_VAL_IMAGES} of val2017: not compared"
+    note = common.no_verdict_reason(args, len(ids), NUM_VAL_IMAGES, "val2017")
     published = [] if args.checkpoint else common.published_metrics(loaded.name, TASK)
     comparisons = [] if note else common.compare(metrics, published, args.tolerance)
     rec = common.record(loaded, task=TASK, metrics=metrics, comparisons=comparisons, protocol=_protocol(args),

@@ -48,7 +48,7 @@ from gczoo.weights import WeightsError, fetch, sha256_of
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
     "add_common_args", "main", "load_model", "published_metrics", "weights_with_metrics", "compare",
-    "verdict_of", "exit_code", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table",
+    "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table",
 ]
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -318,6 +318,18 @@ def verdict_of(comparisons: Sequence[dict]) -> Optional[str]:
 def exit_code(verdicts: Iterable[Optional[str]]) -> int:
     """:data:`EXIT_FAIL` if any verdict is FAIL, else :data:`EXIT_PASS` (no verdict is not a failure)."""
     return EXIT_FAIL if any(v == FAIL for v in verdicts) else EXIT_PASS
+
+
+def no_verdict_reason(args: argparse.Namespace, samples: int, full_set: int, dataset: str) -> Optional[str]:
+    """Why a run is reported without PASS/FAIL (a ``--checkpoint``, a ``--limit`` run, a set other
+    than the ``full_set`` samples of ``dataset``), or ``None`` when it is compared."""
+    if args.checkpoint:
+        return "weights from --checkpoint: no published number to compare"
+    if args.limit is not None:
+        return f"quick check on the first {samples} samples (--limit): not compared"
+    if samples != full_set:
+        return f"{samples} samples, not the {full_set} of {dataset}: not compared"
+    return None
 
 
 def evaluate_each(names: Sequence[str], evaluate: Callable[[str], List[dict]], dist: "Distributed",

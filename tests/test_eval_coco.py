@@ -101,7 +101,7 @@ def test_ground_truth_as_predictions_gives_ap_100(dataset, tmp_path):
     assert _run("--model", MODEL, "--data", root, "--predictions", preds, "--json-out", tmp_path / "r.json") == 0
     rec = _report(tmp_path / "r.json")
     assert rec["box_ap"] == pytest.approx(100.0) and rec["mask_ap"] == pytest.approx(100.0)
-    assert rec["verdict"] is None and "not the 5000" in rec["note"] and rec["detections"] == 6
+    assert rec["verdict"] is None and "not the 5000 of val2017" in rec["note"] and rec["detections"] == 6
 
 
 def test_shifted_boxes_give_the_ap_of_pycocotools(dataset, tmp_path):

@@ -21,7 +21,7 @@ computed in fp32.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ __all__ = [
     "GC_POOLINGS",
     "GC_FUSIONS",
     "parse_fusion",
+    "fuse",
 ]
 
 GC_POOLINGS = ("att", "avg")
@@ -53,19 +54,37 @@ def parse_fusion(fusion: Union[str, Sequence[str]]) -> tuple:
 def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Query-independent attention pooling, ``sum_j softmax_j(W_k x_j) x_j`` (GCNet eq. 3).
 
-    ``mask_weight`` is the ``(1, C, 1, 1)`` weight of the 1x1 conv ``W_k``. Returns ``(B, C)``.
-    The logits come from one matrix product with the ``(B, Np, C)`` view of ``x`` and the
-    pooling from a second one, so channels_last input is read without a copy. The softmax
-    runs in fp32 whatever the input dtype.
+    ``mask_weight`` holds the ``C`` weights of the 1x1 conv ``W_k`` (any shape, e.g. ``(1, C, 1, 1)``);
+    ``mask_bias`` its bias or ``None``. Returns ``(B, C)``.
+
+    The logits come from one batched matrix product with the ``(B, C, Np)`` view of ``x`` and
+    the pooling from a second one: no copy of ``x`` for NCHW or channels_last input (both flatten
+    to a strided view that BLAS reads directly). The softmax runs in fp32 (fp64 for fp64 input)
+    whatever the input dtype, also under autocast.
     """
     b, c = x.shape[:2]
     flat = x.flatten(2)  # (B, C, Np): a view for NCHW and channels_last alike
-    logits = torch.matmul(mask_weight.reshape(1, 1, c).to(x.dtype), flat)  # (B, 1, Np)
+    # bmm, not matmul: matmul may fold the batch into one mm, which copies an NCHW input
+    logits = torch.bmm(mask_weight.reshape(1, 1, c).to(x.dtype).expand(b, 1, c), flat)  # (B, 1, Np)
     if mask_bias is not None:
-        # A constant shift does not change a softmax; kept so the module matches checkpoints.
         logits = logits + mask_bias.to(logits.dtype)
-    attn = torch.softmax(logits.float(), dim=-1).to(x.dtype)
-    return torch.matmul(flat, attn.transpose(1, 2)).reshape(b, c)
+    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(flat.dtype)
+    return torch.bmm(flat, attn.transpose(1, 2)).reshape(b, c)
+
+
+def fuse(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x * scale + shift`` with ``(B, C)`` or ``(C,)`` terms broadcast over positions, in one pass over ``x``.
+
+    Either term may be ``None``. The terms are cast to ``x.dtype`` so the result keeps it.
+    The result is a new tensor in ``x``'s memory format.
+    """
+    c = x.shape[1]
+    if scale is None:
+        return x + shift.to(x.dtype).reshape(-1, c, 1, 1)
+    scale = scale.to(x.dtype).reshape(-1, c, 1, 1)
+    if shift is None:
+        return x * scale
+    return torch.addcmul(shift.to(x.dtype).reshape(-1, c, 1, 1), x, scale)
 
 
 def _transform(hidden: int, channels: int) -> nn.Sequential:
@@ -141,15 +160,44 @@ class ContextBlock(nn.Module):
             return x.mean(dim=(2, 3))
         return attention_pool(x, self.conv_mask.weight, self.conv_mask.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        context = self.context(x)
-        b, c = context.shape
-        out = x
+    def context_of_affine(self, h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                          weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The context of ``z = scale * (weight @ h) + shift`` computed from ``h``, without ``z``.
+
+        ``z`` is a per-position affine map of ``h`` (``weight``: ``(C, C_h)``, identity when
+        ``None``; ``scale``, ``shift``: ``(C,)``), as conv3 + BatchNorm are in eval mode. Both
+        poolings commute with it: the logits are ``(W^T (scale * w_k)) . h_j + b_k`` plus the
+        constant ``w_k . shift`` that the softmax ignores (``b_k`` is kept, so that it gets its
+        gradient -- zero -- as on the plain route, e.g. for DDP), and because the attention weights (or the 1/Np of average
+        pooling) sum to one, ``pool(z) = scale * (W pool(h)) + shift``. Reading ``h`` instead
+        of ``z`` is cheaper when ``h`` is narrower (the bottleneck's ``C/4`` channels).
+        """
+        if self.conv_mask is None:
+            pooled = h.mean(dim=(2, 3))
+        else:
+            key = scale * self.conv_mask.weight.reshape(-1)
+            if weight is not None:
+                key = torch.matmul(key, weight)
+            pooled = attention_pool(h, key, self.conv_mask.bias)
+        if weight is not None:
+            pooled = F.linear(pooled, weight)
+        return torch.addcmul(shift.to(pooled.dtype), pooled, scale.to(pooled.dtype))
+
+    def fusion_terms(self, context: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(scale, shift)``, each ``(B, C)`` or ``None``: the block maps ``x`` to ``x * scale + shift``.
+
+        ``scale = sigmoid(W_mul(context))`` for "mul" fusion, ``shift = W_add(context)`` for "add".
+        """
+        scale = shift = None
         if self.channel_mul_conv is not None:
-            out = out * torch.sigmoid(_apply_transform(self.channel_mul_conv, context)).reshape(b, c, 1, 1)
+            scale = torch.sigmoid(_apply_transform(self.channel_mul_conv, context))
         if self.channel_add_conv is not None:
-            out = out + _apply_transform(self.channel_add_conv, context).reshape(b, c, 1, 1)
-        return out
+            shift = _apply_transform(self.channel_add_conv, context)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.fusion_terms(self.context(x))
+        return fuse(x, scale, shift)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, ratio={self.ratio}, pooling={self.pooling!r}, fusion={'+'.join(self.fusion)!r}"

@@ -14,7 +14,7 @@ Architectures and their pretrained cfgs come from ``weights_manifest.json`` thro
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,7 +22,9 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg
 
 from .. import registry
-from ..blocks import ContextBlock, NonLocalBlock, SimplifiedNonLocalBlock
+from torchvision.ops import FrozenBatchNorm2d
+
+from ..blocks import ContextBlock, NonLocalBlock, SimplifiedNonLocalBlock, fuse
 
 __all__ = ["GCResNet", "Bottleneck", "build", "parse_stages", "STAGE_NAMES"]
 
@@ -52,12 +54,42 @@ def parse_stages(stages: Union[None, str, int, Sequence[Union[int, str]]]) -> tu
     return tuple(sorted(out))
 
 
+def frozen_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(scale, shift)`` when ``norm`` is a fixed per-channel affine map ``x * scale + shift``, else ``None``.
+
+    That holds for torchvision's ``FrozenBatchNorm2d`` and for an ``nn.BatchNorm2d`` in eval
+    mode with running statistics (``y = (x - mean) / sqrt(var + eps) * weight + bias``).
+    Subclasses and other norm layers are not trusted to compute the same map.
+    """
+    if type(norm) is nn.BatchNorm2d:
+        if norm.training or norm.running_var is None:
+            return None
+    elif type(norm) is not FrozenBatchNorm2d:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
 class Bottleneck(nn.Module):
     """torchvision's bottleneck (stride on the 3x3 conv) with two optional extras.
 
     ``context_block`` runs on the output of ``bn3`` before the residual addition (GCNet's
     "after conv3" placement); ``pre_block`` runs on the block's input (used by the ablation
     rows that insert one block between residual blocks).
+
+    With a :class:`~gczoo.blocks.ContextBlock` in eval mode and ``bn3`` a BatchNorm with
+    running statistics (or a ``FrozenBatchNorm2d``), ``bn3(conv3(h))`` is a per-position
+    affine map of ``h``: the block then computes its context from ``h``, which has 4x fewer
+    channels, or from ``conv3(h)`` before bn3 when that reads less memory
+    (:meth:`~gczoo.blocks.ContextBlock.context_of_affine`), and applies bn3 and the GC fusion
+    in one pass, ``conv3(h) * scale' + shift'``. The result is the same as running
+    bn3 and the GC block one after the other; training mode and other norm layers take that
+    plain route.
     """
 
     expansion = 4
@@ -79,16 +111,41 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
+    def _bn3_and_context(self, h: torch.Tensor, gc: ContextBlock, scale: torch.Tensor,
+                         shift: torch.Tensor) -> torch.Tensor:
+        """``gc(bn3(conv3(h)))`` with bn3 folded to ``(scale, shift)`` (eval mode only)."""
+        y = self.conv3(h)
+        weight = self.conv3.weight.flatten(1)
+        # Pooling reads its input twice; through conv3 it also reads conv3's weight twice.
+        # Take the cheaper one: h in c3/c4, y where maps are small and weights large (c5).
+        if h.numel() + weight.numel() < y.numel():
+            context = gc.context_of_affine(h, scale, shift, weight)
+        else:
+            context = gc.context_of_affine(y, scale, shift)
+        mul, add = gc.fusion_terms(context)
+        # (y * scale + shift) * mul + add
+        if mul is not None:
+            scale, shift = scale * mul, shift * mul
+        if add is not None:
+            shift = shift + add
+        return fuse(y, scale, shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_block is not None:
             x = self.pre_block(x)
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.context_block is not None:
-            out = self.context_block(out)
-        return self.relu(out + shortcut)
+        gc = self.context_block
+        affine = frozen_affine(self.bn3) if isinstance(gc, ContextBlock) and not self.training else None
+        if affine is not None:
+            out = self._bn3_and_context(out, gc, *affine)
+        else:
+            out = self.bn3(self.conv3(out))
+            if gc is not None:
+                out = gc(out)
+        out += shortcut
+        return self.relu(out)
 
 
 #: Blocks that ``stage_blocks`` can insert between residual blocks.

@@ -397,24 +397,12 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     samples = find_samples(args.data, args.ground_truth, args.synset_ids)
     if args.limit is not None:
         samples = samples[:args.limit]
-    if args.model is not None:
-        records, errors = evaluate_weights(args.model, samples, args, dist), []
-    else:
-        records, errors = [], []
-        for name in common.weights_with_metrics(TASK):
-            try:
-                records += evaluate_weights(name, samples, args, dist)
-            except common.BAD_INPUT_ERRORS as err:
-                if isinstance(err, BadInput):  # the data's fault, not this tag's: stop
-                    raise
-                if dist.is_main:
-                    print(f"error: {name}: {err}", file=sys.stderr, flush=True)
-                errors.append({"name": name, "error": str(err)})
-        if dist.is_main:
-            print("\n" + _summary(records, errors))
-    if dist.is_main and args.json_out is not None:
-        common.write_report(args.json_out, records, errors)
-    return common.EXIT_BAD_INPUT if errors else common.exit_code(r["verdict"] for r in records)
+    names = [args.model] if args.model is not None else common.weights_with_metrics(TASK)
+    records, errors = common.evaluate_each(names, lambda name: evaluate_weights(name, samples, args, dist),
+                                           dist, keep_going=args.model is None)
+    if args.model is None and dist.is_main:
+        print("\n" + _summary(records, errors))
+    return common.finish(records, errors, args.json_out, dist)
 
 
 def build_parser() -> argparse.ArgumentParser:

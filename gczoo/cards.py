@@ -31,7 +31,8 @@ def _protocol(protocol: dict) -> str:
 def model_card(name: str) -> str:
     """A plain-text model card: what the model is, its size and cost, weights and their numbers."""
     info = model_info(name)
-    lines = [info["name"], "=" * len(info["name"]), info["summary"], ""]
+    lines = [info["name"], "=" * len(info["name"]), info["summary"]]
+    lines += [f"note: {note}" for note in info["notes"]] + [""]
     lines.append(f"family: {info['family']}; arguments: {info['arch'] or '(timm defaults)'}")
     size = f"parameters: {info['params'] / 1e6:.2f}M (measured)"
     published = info["published_size"]

@@ -248,6 +248,7 @@ def model_info(name: str) -> dict:
         "name": arch,
         "family": model["family"],
         "summary": model["summary"],
+        "notes": list(model.get("notes", [])),
         "arch": dict(model["arch"]),
         "params": params,
         "input_size": input_size,

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg
 
@@ -75,6 +76,15 @@ def frozen_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]
     return scale, shift
 
 
+def _known_true(cond) -> bool:
+    """``cond`` for concrete sizes; for symbolic sizes (torch.compile / torch.export with dynamic
+    shapes) True only if it holds for every value, without adding a guard. Under torch.jit /
+    TorchScript-based ONNX tracing sizes are traced tensors and the traced value is used."""
+    if isinstance(cond, torch.Tensor):
+        return bool(cond)
+    return statically_known_true(cond)
+
+
 class Bottleneck(nn.Module):
     """torchvision's bottleneck (stride on the 3x3 conv) with two optional extras.
 
@@ -118,7 +128,11 @@ class Bottleneck(nn.Module):
         weight = self.conv3.weight.flatten(1)
         # Pooling reads its input twice; through conv3 it also reads conv3's weight twice.
         # Take the cheaper one: h in c3/c4, y where maps are small and weights large (c5).
-        if h.numel() + weight.numel() < y.numel():
+        # For a symbolic (dynamic) batch, _known_true adds no guard: y unless h is cheaper for
+        # every batch size.
+        positions = h.shape[0] * h.shape[2] * h.shape[3]  # sizes, not numel(): ints under jit tracing too
+        out_ch, in_ch = weight.shape
+        if _known_true(positions * in_ch + out_ch * in_ch < positions * out_ch):
             context = gc.context_of_affine(h, scale, shift, weight)
         else:
             context = gc.context_of_affine(y, scale, shift)

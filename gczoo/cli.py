@@ -89,18 +89,19 @@ def _download(args: argparse.Namespace) -> int:
 def _pin(args: argparse.Namespace) -> int:
     from . import weights
     from .manifest import MANIFEST_PATH, dump_manifest, load_manifest
-    from .registry import split_name, weights_entry
+    from .registry import split_name
 
-    arch, _ = split_name(args.name)
-    tag, entry = weights_entry(args.name)
-    digests = weights.pin(arch, tag, entry)
-    manifest = copy.deepcopy(load_manifest(args.manifest))
-    sources = manifest["models"][arch]["weights"][tag]["sources"]
-    for source, digest in zip(sources, digests):
+    path = args.manifest or MANIFEST_PATH
+    manifest = copy.deepcopy(load_manifest(path))
+    arch, tag = split_name(args.name)
+    entry = manifest["models"].get(arch, {}).get("weights", {}).get(tag)
+    if entry is None:
+        raise ValueError(f"{path} has no weights {args.name!r}; pin takes NAME.TAG (`gczoo list --pretrained`)")
+    for source, digest in zip(entry["sources"], weights.pin(arch, tag, entry)):
         source["sha256"] = digest
         print(f"{source.get('url') or source['repo_id'] + '/' + source['filename']}: {digest}")
-    dump_manifest(manifest, args.manifest or MANIFEST_PATH)
-    print(f"pinned {arch}.{tag} in {args.manifest or MANIFEST_PATH}")
+    dump_manifest(manifest, path)
+    print(f"pinned {arch}.{tag} in {path}")
     return 0
 
 

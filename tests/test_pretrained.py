@@ -167,3 +167,34 @@ def test_local_files_are_read_safely(weights_env, tmp_path, monkeypatch):
     assert not (tmp_path / "gczoo-pwned").exists() and evil.exists()  # a user's file is never deleted
     with pytest.raises(WeightsError, match="no checkpoint file at"):
         gczoo.create_model("resnet50_gc_r16", pretrained=True, pretrained_cfg_overlay=dict(file="nope.pth"))
+
+
+def test_cli_download_and_pin(hub_server, file_server, resnet50, tmp_path, capsys):
+    """`gczoo download --to` for an air-gapped machine, and `gczoo pin` writing real digests."""
+    import hashlib
+    import json
+
+    from gczoo.cli import main
+    from gczoo.manifest import load_manifest
+
+    hub_file = _publish(hub_server, "timm/resnet50.tv_in1k", resnet50.state_dict())
+    assert main(["download", "resnet50_gc_r16.tv_in1k", "--to", str(tmp_path / "out")]) == 0
+    exported = tmp_path / "out" / "resnet50_gc_r16.tv_in1k.safetensors"
+    assert exported.read_bytes() == hub_file.read_bytes()
+    assert "pretrained_cfg_overlay=dict(file=" in capsys.readouterr().out
+
+    # pin: a manifest whose URL source is served by the loopback file server under a torch.hub name.
+    pth = tmp_path / "resnet50.pth"
+    torch.save(resnet50.state_dict(), pth)
+    digest = hashlib.sha256(pth.read_bytes()).hexdigest()
+    served = Path(file_server.root) / f"resnet50-{digest[:8]}.pth"
+    pth.rename(served)
+    manifest = json.loads((ROOT / "weights_manifest.json").read_text())
+    entry = manifest["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]
+    entry["sources"][1].update(url=f"{file_server.url}/{served.name}", sha256_prefix=digest[:8])
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    assert main(["pin", "resnet50_gc_r16.tv_in1k", "--manifest", str(path)]) == 0
+    pinned = load_manifest(path)["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]["sources"]
+    assert [s["sha256"] for s in pinned] == [hashlib.sha256(hub_file.read_bytes()).hexdigest(), digest]
+    assert main(["pin", "resnet50_gc_r16.in22k", "--manifest", str(path)]) == 2

@@ -50,7 +50,7 @@ def build(name: str) -> nn.Module:
     if name == "resnet50":
         return torchvision.models.resnet50()
     if name == "gczoo_body":
-        return gczoo.create_model("resnet50_gc_r16", gc_stages=None)
+        return gczoo.create_model("resnet50_gc_r16", gc_stages=())
     model = gczoo.create_model("resnet50_gc_r16")
     if name == "straightforward":
         swap_context_blocks(model, straightforward_like)

@@ -57,18 +57,26 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
     ``mask_weight`` holds the ``C`` weights of the 1x1 conv ``W_k`` (any shape, e.g. ``(1, C, 1, 1)``);
     ``mask_bias`` its bias or ``None``. Returns ``(B, C)``.
 
-    The logits come from one batched matrix product with the ``(B, C, Np)`` view of ``x`` and
-    the pooling from a second one: no copy of ``x`` for NCHW or channels_last input (both flatten
-    to a strided view that BLAS reads directly). The softmax runs in fp32 (fp64 for fp64 input)
-    whatever the input dtype, also under autocast.
+    Logits and pooling are two matrix products on a view of ``x``, never a copy: the
+    ``(B, C, Np)`` view for NCHW input, the contiguous ``(B, Np, C)`` view for channels_last
+    (where the logits become a single matrix-vector product). The softmax runs in fp32 (fp64
+    for fp64 input) whatever the input dtype, also under autocast.
     """
     b, c = x.shape[:2]
-    flat = x.flatten(2)  # (B, C, Np): a view for NCHW and channels_last alike
-    # bmm, not matmul: matmul may fold the batch into one mm, which copies an NCHW input
-    logits = torch.bmm(mask_weight.reshape(1, 1, c).to(x.dtype).expand(b, 1, c), flat)  # (B, 1, Np)
+    key = mask_weight.reshape(c).to(x.dtype)
+    rows_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if rows_last:
+        flat = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, Np, C), a view
+        logits = torch.matmul(flat, key).unsqueeze(1)  # (B, 1, Np)
+    else:
+        flat = x.flatten(2)  # (B, C, Np), a view
+        # bmm, not matmul: matmul may fold the batch into one mm, which copies an NCHW input
+        logits = torch.bmm(key.reshape(1, 1, c).expand(b, 1, c), flat)  # (B, 1, Np)
     if mask_bias is not None:
         logits = logits + mask_bias.to(logits.dtype)
-    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(flat.dtype)
+    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(x.dtype)
+    if rows_last:
+        return torch.bmm(attn, flat).reshape(b, c)
     return torch.bmm(flat, attn.transpose(1, 2)).reshape(b, c)
 
 

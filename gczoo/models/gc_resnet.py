@@ -124,17 +124,19 @@ class Bottleneck(nn.Module):
     def _bn3_and_context(self, h: torch.Tensor, gc: ContextBlock, scale: torch.Tensor,
                          shift: torch.Tensor) -> torch.Tensor:
         """``gc(bn3(conv3(h)))`` with bn3 folded to ``(scale, shift)`` (eval mode only)."""
-        y = self.conv3(h)
         weight = self.conv3.weight.flatten(1)
+        out_ch, in_ch = weight.shape
+        positions = h.shape[0] * h.shape[2] * h.shape[3]  # sizes, not numel(): ints under jit tracing too
         # Pooling reads its input twice; through conv3 it also reads conv3's weight twice.
         # Take the cheaper one: h in c3/c4, y where maps are small and weights large (c5).
-        # For a symbolic (dynamic) batch, _known_true adds no guard: y unless h is cheaper for
-        # every batch size.
-        positions = h.shape[0] * h.shape[2] * h.shape[3]  # sizes, not numel(): ints under jit tracing too
-        out_ch, in_ch = weight.shape
+        # From h, the context comes first, so conv3 then finds h and its weight in cache and
+        # the fusion finds y there. For a symbolic (dynamic) batch, _known_true adds no guard:
+        # y unless h is cheaper for every batch size.
         if _known_true(positions * in_ch + out_ch * in_ch < positions * out_ch):
             context = gc.context_of_affine(h, scale, shift, weight)
+            y = self.conv3(h)
         else:
+            y = self.conv3(h)
             context = gc.context_of_affine(y, scale, shift)
         mul, add = gc.fusion_terms(context)
         # (y * scale + shift) * mul + add

@@ -70,10 +70,9 @@ def frozen_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return scale, shift
+    if norm.bias is None:
+        return scale, -norm.running_mean * scale
+    return scale, torch.addcmul(norm.bias, norm.running_mean, scale, value=-1)
 
 
 def _known_true(cond) -> bool:

@@ -207,6 +207,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     arch, tag = split_name(name)
     if tag is not None:
         weights_entry(arch, tag)  # an unknown tag fails here, with close matches
+    if "gc_stages" in kwargs and kwargs["gc_stages"] is None:
+        kwargs["gc_stages"] = ()  # "no GC blocks"; timm would drop a None and build the default
     if model["family"] == "timm":
         if pretrained:
             tag, entry = weights_entry(arch, tag)

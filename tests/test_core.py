@@ -35,6 +35,7 @@ def test_parameter_counts_equal_published(name):
 def test_plain_resnet50_and_options_change_size_as_the_paper_says():
     # Without GC blocks the model is the paper's baseline ResNet-50 (25.56M) ...
     assert abs(_params(_meta_model("resnet50_gc_r16", gc_stages=[])) / 1e6 - 25.56) < 0.01
+    assert _params(_meta_model("resnet50_gc_r16", gc_stages=None)) == _params(_meta_model("resnet50_gc_r16", gc_stages=[]))
     # ... and torchvision's ResNet-50 key for key.
     import torchvision
 

@@ -120,14 +120,31 @@ FOLD_SOURCES = {"from_conv3_input": (11, 10), "from_conv3_output": (2, 3)}
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("norm", ("bn", "frozen_bn"))
 def test_bottleneck_eval_fold_is_exact(norm, fusion, layout, source):
-    """In eval mode bn3 is folded into the GC pass (bn3 itself is never called), with the
-    same outputs and gradients as bn3 followed by the straightforward block."""
+    """In eval mode the context is computed through bn3 folded into an affine map (the GC
+    block's own forward is never called), with the same outputs and gradients as bn3 followed
+    by the straightforward block."""
     fast, ref = _bottleneck_pair(nn.BatchNorm2d if norm == "bn" else FrozenBatchNorm2d, fusion)
     fast.eval(), ref.eval()
-    bn3_calls = _count_calls(fast.bn3)
+    gc_calls = _count_calls(fast.context_block)
     x = torch.randn(2, 64, *FOLD_SOURCES[source]).to(memory_format=LAYOUTS[layout])
     assert_same(forward_backward(fast, x), forward_backward(ref, x))
-    assert not bn3_calls, "the eval-mode fold was not taken"
+    assert not gc_calls, "the eval-mode fold was not taken"
+
+
+@pytest.mark.parametrize("source", FOLD_SOURCES)
+def test_bottleneck_eval_fold_keeps_identity_blocks_bit_exact(source):
+    """A GC block with a zero transform leaves the bottleneck's output bit for bit unchanged
+    on the fold route too (GC-ready checkpoints give exactly their source ResNet's logits)."""
+    fast, _ = _bottleneck_pair(nn.BatchNorm2d, "add")
+    fast.context_block.reset_parameters()
+    plain = copy.deepcopy(fast)
+    plain.context_block = None
+    fast.eval(), plain.eval()
+    gc_calls = _count_calls(fast.context_block)
+    x = torch.randn(2, 64, *FOLD_SOURCES[source])
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+    assert not gc_calls
 
 
 @pytest.mark.parametrize("pooling", ("att", "avg"))
@@ -141,7 +158,7 @@ def test_bottleneck_fold_avg_pooling(pooling):
 
 def test_bottleneck_plain_route_when_fold_is_not_exact():
     """Training mode, BatchNorm without running stats and a norm layer that is not a plain
-    BatchNorm (here a subclass) run bn3 itself -- and still match the reference."""
+    BatchNorm (here a subclass) run the GC block on bn3's output -- and still match the reference."""
     class ScaledBN(nn.BatchNorm2d):
         def forward(self, x):
             return 2 * super().forward(x)
@@ -151,10 +168,10 @@ def test_bottleneck_plain_route_when_fold_is_not_exact():
     for norm_layer, train in cases:
         fast, ref = _bottleneck_pair(norm_layer, "add+mul")
         fast.train(train), ref.train(train)
-        bn3_calls = _count_calls(fast.bn3)
+        gc_calls = _count_calls(fast.context_block)
         x = torch.randn(4, 64, 6, 6)
         assert_same(forward_backward(fast, x), forward_backward(ref, x))
-        assert bn3_calls, f"{norm_layer} train={train}: bn3 was folded although the fold is not exact"
+        assert gc_calls, f"{norm_layer} train={train}: bn3 was folded although the fold is not exact"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

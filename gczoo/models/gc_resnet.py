@@ -95,10 +95,8 @@ class Bottleneck(nn.Module):
     running statistics (or a ``FrozenBatchNorm2d``), ``bn3(conv3(h))`` is a per-position
     affine map of ``h``: the block then computes its context from ``h``, which has 4x fewer
     channels, or from ``conv3(h)`` before bn3 when that reads less memory
-    (:meth:`~gczoo.blocks.ContextBlock.context_of_affine`), and applies bn3 and the GC fusion
-    in one pass, ``conv3(h) * scale' + shift'``. The result is the same as running
-    bn3 and the GC block one after the other; training mode and other norm layers take that
-    plain route.
+    (:meth:`~gczoo.blocks.ContextBlock.context_of_affine`). The result equals running bn3 and
+    the GC block one after the other; training mode and other norm layers take that plain route.
     """
 
     expansion = 4
@@ -122,28 +120,28 @@ class Bottleneck(nn.Module):
 
     def _bn3_and_context(self, h: torch.Tensor, gc: ContextBlock, scale: torch.Tensor,
                          shift: torch.Tensor) -> torch.Tensor:
-        """``gc(bn3(conv3(h)))`` with bn3 folded to ``(scale, shift)`` (eval mode only)."""
+        """``gc(bn3(conv3(h)))`` with the context taken through bn3 folded to ``(scale, shift)`` (eval mode only).
+
+        bn3 itself still produces the main path, so a GC block whose transform is zero leaves
+        the bottleneck's output bit for bit as without it (a GC-ready checkpoint gives exactly
+        its source ResNet's logits); only the context, which reaches the output through the
+        transform, is computed by the fold.
+        """
         weight = self.conv3.weight.flatten(1)
         out_ch, in_ch = weight.shape
         positions = h.shape[0] * h.shape[2] * h.shape[3]  # sizes, not numel(): ints under jit tracing too
         # Pooling reads its input twice; through conv3 it also reads conv3's weight twice.
         # Take the cheaper one: h in c3/c4, y where maps are small and weights large (c5).
-        # From h, the context comes first, so conv3 then finds h and its weight in cache and
-        # the fusion finds y there. For a symbolic (dynamic) batch, _known_true adds no guard:
-        # y unless h is cheaper for every batch size.
+        # From h, the context comes first, so conv3 then finds h and its weight in cache.
+        # For a symbolic (dynamic) batch, _known_true adds no guard: y unless h is cheaper
+        # for every batch size.
         if _known_true(positions * in_ch + out_ch * in_ch < positions * out_ch):
             context = gc.context_of_affine(h, scale, shift, weight)
             y = self.conv3(h)
         else:
             y = self.conv3(h)
             context = gc.context_of_affine(y, scale, shift)
-        mul, add = gc.fusion_terms(context)
-        # (y * scale + shift) * mul + add
-        if mul is not None:
-            scale, shift = scale * mul, shift * mul
-        if add is not None:
-            shift = shift + add
-        return fuse(y, scale, shift)
+        return fuse(self.bn3(y), *gc.fusion_terms(context))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_block is not None:

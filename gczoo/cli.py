@@ -139,6 +139,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"forward pass: input {tuple(batch.shape)} (size {size}, {config['interpolation']}, "
           f"crop_pct {config['crop_pct']}) -> logits {tuple(logits.shape)}")
     info = ImageNetInfo()
+    if not loaded:
+        print("  (random weights: these classes mean nothing)")
     top = logits.softmax(-1)[0].topk(5)
     for p, i in zip(top.values, top.indices):
         print(f"  {p:.3f}  {info.index_to_description(int(i))}")

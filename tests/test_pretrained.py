@@ -198,3 +198,13 @@ def test_cli_download_and_pin(hub_server, file_server, resnet50, tmp_path, capsy
     pinned = load_manifest(path)["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]["sources"]
     assert [s["sha256"] for s in pinned] == [hashlib.sha256(hub_file.read_bytes()).hexdigest(), digest]
     assert main(["pin", "resnet50_gc_r16.in22k", "--manifest", str(path)]) == 2
+
+
+def test_demo_downloads_and_verifies(hub_server, resnet50, capsys):
+    """The README's first command, `gczoo demo`, with the default weights on a (loopback) hub."""
+    from gczoo.cli import main
+
+    _publish(hub_server, "timm/resnet50.tv_in1k", resnet50.state_dict())
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: resnet50_gc_r16 vs torchvision resnet50 loaded from the same file: max |logit difference| = 0.00e+00" in out

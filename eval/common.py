@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -36,14 +35,13 @@ import timm
 import torch
 import torch.distributed as torch_dist
 import torchvision
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 import gczoo
 from gczoo.convert import StateDictMismatchError, filter_fn
-from gczoo.manifest import ManifestError, load_manifest
+from gczoo.manifest import ManifestError, load_manifest, metric_numbers
 from gczoo.registry import UnknownModelError, create_model, model_entry, split_name, weights_entry
-from gczoo.weights import WeightsError, fetch, sha256_of
+from gczoo.weights import WeightsError, fetch, load_checkpoint, sha256_of
 
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
@@ -55,7 +53,6 @@ EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 PASS, FAIL = "PASS", "FAIL"
 
 #: Fields of a manifest metric that describe it; every other field is a published value.
-_METRIC_META = ("task", "protocol", "source")
 
 
 class BadInput(Exception):
@@ -251,7 +248,7 @@ def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = 
             model = _from_checkpoint(name, arch, tag or entry["default_tag"], path, **kwargs)
         except StateDictMismatchError:
             raise
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        except (OSError, RuntimeError, ValueError) as err:  # WeightsError (unreadable, unsafe) is a RuntimeError
             raise BadInput(f"Cannot load checkpoint {path} into {name}: {err}") from None
     model = model.eval().to(device)
     if channels_last:
@@ -265,7 +262,7 @@ def _from_checkpoint(name: str, arch: str, tag: Optional[str], path: Path, **kwa
         return create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     model = create_model(arch, **kwargs)
     check = filter_fn(arch, "checkpoint", "identity", str(path))
-    model.load_state_dict(check(timm.models.load_state_dict(str(path), weights_only=True), model))
+    model.load_state_dict(check(load_checkpoint(path, f"{arch} checkpoint"), model))
     return model
 
 
@@ -284,11 +281,6 @@ def weights_with_metrics(task: str) -> List[str]:
             for tag, entry in model["weights"].items() if any(m["task"] == task for m in entry["metrics"])]
 
 
-def metric_values(metric: dict) -> Dict[str, float]:
-    """The published numbers of a manifest metric (every field but task, protocol and source)."""
-    return {k: v for k, v in metric.items() if k not in _METRIC_META}
-
-
 def compare(measured: Dict[str, float], published: Iterable[dict], tolerance: float) -> List[dict]:
     """One comparison per published metric: its numbers, source, protocol, delta and verdict.
 
@@ -298,7 +290,7 @@ def compare(measured: Dict[str, float], published: Iterable[dict], tolerance: fl
     """
     out = []
     for metric in published:
-        values = {k: v for k, v in metric_values(metric).items() if k in measured}
+        values = {k: v for k, v in metric_numbers(metric).items() if k in measured}
         if not values:
             continue
         delta = {k: round(measured[k] - v, 6) for k, v in values.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .manifest import load_manifest
+from .manifest import load_manifest, metric_numbers
 from .registry import model_info
 
 __all__ = ["model_card", "model_table", "metric_values", "TABLE_START", "TABLE_END"]
@@ -20,8 +20,7 @@ _METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "box_ap": "box AP", "mask_ap"
 
 def metric_values(metric: dict) -> str:
     """``"top-1 76.13, top-5 92.862"``: the numbers of a manifest metric entry."""
-    return ", ".join(f"{_METRIC_NAMES.get(k, k)} {v}" for k, v in metric.items()
-                     if k not in ("task", "protocol", "source"))
+    return ", ".join(f"{_METRIC_NAMES.get(k, k)} {v}" for k, v in metric_numbers(metric).items())
 
 
 def _protocol(protocol: dict) -> str:

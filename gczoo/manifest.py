@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
-__all__ = ["ManifestError", "MANIFEST_PATH", "SCHEMA_PATH", "dump_manifest", "load_manifest", "validate"]
+__all__ = ["ManifestError", "MANIFEST_PATH", "SCHEMA_PATH", "dump_manifest", "load_manifest", "metric_numbers", "validate"]
 
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
@@ -23,6 +23,11 @@ _JSON_TYPES = {
     "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
     "integer": int, "number": (int, float),
 }
+
+
+def metric_numbers(metric: dict) -> dict:
+    """The published numbers of a manifest metric entry: every field but task, protocol and source."""
+    return {k: v for k, v in metric.items() if k not in ("task", "protocol", "source")}
 
 
 class ManifestError(ValueError):

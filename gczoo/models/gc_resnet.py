@@ -141,7 +141,12 @@ class Bottleneck(nn.Module):
         else:
             y = self.conv3(h)
             context = gc.context_of_affine(y, scale, shift)
-        return fuse(self.bn3(y), *gc.fusion_terms(context))
+        out = self.bn3(y)
+        gc_scale, gc_shift = gc.fusion_terms(context)
+        if gc_scale is None:
+            # "add" fusion: into bn3's fresh output, in place (no new tensor of the block's size)
+            return out.add_(gc_shift.to(out.dtype).reshape(*gc_shift.shape, 1, 1))
+        return fuse(out, gc_scale, gc_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_block is not None:

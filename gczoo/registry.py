@@ -26,7 +26,7 @@ from timm.models import generate_default_cfgs, register_model
 from .manifest import load_manifest
 
 __all__ = ["create_model", "list_models", "model_info", "split_name", "model_entry", "weights_entry",
-           "entrypoint", "UnknownModelError"]
+           "entrypoint", "pretrained_tag", "UnknownModelError"]
 
 _logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def default_cfgs(family: str, first_conv: str, classifier: str) -> dict:
     return generate_default_cfgs(cfgs)
 
 
-def _cfg_tag(pretrained_cfg: Any) -> Optional[str]:
+def pretrained_tag(pretrained_cfg: Any) -> Optional[str]:
     """The weights tag in a ``pretrained_cfg`` argument (a tag string, timm PretrainedCfg or dict)."""
     if pretrained_cfg is None or isinstance(pretrained_cfg, str):
         return pretrained_cfg or None
@@ -168,7 +168,7 @@ def entrypoint(arch: str) -> Callable[..., torch.nn.Module]:
     def build(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
         kwargs = {**model["arch"], **kwargs}
         if pretrained:
-            tag, entry = weights_entry(arch, _cfg_tag(kwargs.get("pretrained_cfg")))
+            tag, entry = weights_entry(arch, pretrained_tag(kwargs.get("pretrained_cfg")))
             overlay = _overlay_weights_file(arch, tag, entry, kwargs)
             kwargs["pretrained_filter_fn"] = convert.filter_fn(
                 arch, tag, entry["converter"], overlay.get("file") or "the given state dict")

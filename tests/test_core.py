@@ -85,7 +85,7 @@ def test_timm_integration():
     # timm's own GC models are still timm's
     for name, model in load_manifest()["models"].items():
         if model["family"] == "timm":
-            assert timm.models.is_model_in_modules(name, ["byobnet"])
+            assert timm.models.is_model_in_modules(name, ["byobnet", "efficientnet"])
     model = timm.create_model("resnet50_gc_r16", num_classes=10).eval()
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
     cfg = timm.data.resolve_data_config({}, model=timm.create_model("resnet50_gc_r16.tv2_in1k"), use_test_size=True)

@@ -328,7 +328,7 @@ def build(arch: str, pretrained: bool = False, *, pretrained_cfg: Any = None,
         in_channels_list=[info["num_chs"] for info in body.feature_info], out_channels=256,
         extra_blocks=LastLevelMaxPool())
     model = MMDetMaskRCNN(backbone, **kwargs)
-    tag, entry = registry.weights_entry(arch, registry._cfg_tag(pretrained_cfg))
+    tag, entry = registry.weights_entry(arch, registry.pretrained_tag(pretrained_cfg))
     model.pretrained_cfg = dict(entry["pretrained_cfg"], architecture=arch, tag=tag)
     if pretrained:
         overlay = pretrained_cfg_overlay or {}

@@ -10,8 +10,9 @@ One run builds, on the same device and in the same process:
 * ``timm_gc``: the same network with timm's ``GlobalContext`` (r16, fusion add) at the same places.
 
 Each round times every model once (in a rotating order), so slow drifts of a shared machine
-hit all of them alike; the table gives the median time, and the median and 25-75% spread of
-the per-round ratio to ``resnet50``. Inference runs under ``torch.inference_mode``; a training
+hit all of them alike; the table gives the median time, the median and 25-75% spread of
+the per-round ratio to ``resnet50``, and the median per-round ratio to ``gczoo_body`` (the GC
+blocks' own cost, on the same body). Inference runs under ``torch.inference_mode``; a training
 step is forward, cross-entropy, backward and an SGD step.
 
 Examples (see bench/RESULTS.md)::
@@ -126,13 +127,14 @@ def run(args) -> List[dict]:
                         steps[name]()
                     sync(device)
                     times[name].append((time.perf_counter() - t0) / args.iters)
-            base = times.get("resnet50")
+            base, body = times.get("resnet50"), times.get("gczoo_body")
             for name, ts in times.items():
                 ratios = [t / b for t, b in zip(ts, base)] if base else [float("nan")]
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                to_body = statistics.median(t / b for t, b in zip(ts, body)) if body else float("nan")
                 rows.append(dict(mode="train" if train else "infer", compiled=compiled, model=name,
                                  ms=1e3 * statistics.median(ts), ratio=statistics.median(ratios),
-                                 q25=q[0], q75=q[2]))
+                                 q25=q[0], q75=q[2], to_body=to_body))
             steps.clear()
     return rows
 
@@ -164,11 +166,11 @@ def environment(args) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    lines = ["| mode | graph | model | median ms | ratio to resnet50 (median) | ratio 25-75% |",
-             "|---|---|---|---:|---:|---|"]
+    lines = ["| mode | graph | model | median ms | ratio to resnet50 (median) | ratio 25-75% | ratio to gczoo_body (median) |",
+             "|---|---|---|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {'compiled' if r['compiled'] else 'eager'} | {r['model']} | "
-                     f"{r['ms']:.1f} | {r['ratio']:.3f} | {r['q25']:.3f}-{r['q75']:.3f} |")
+                     f"{r['ms']:.1f} | {r['ratio']:.3f} | {r['q25']:.3f}-{r['q75']:.3f} | {r['to_body']:.3f} |")
     return "\n".join(lines)
 
 

@@ -275,3 +275,22 @@ def test_compiles_without_graph_breaks(train):
     else:
         with torch.no_grad():
             close(compiled(x), model(x))
+
+
+def test_benchmark_script_measures_every_model(capsys):
+    """bench/speed.py runs end to end (tiny inputs, two rounds, inference and training) and
+    prints one row per model and mode, with ratios to resnet50 and to the GC-free body; no
+    timing is asserted."""
+    from bench import speed
+
+    speed.main(["--size", "32", "--batch", "2", "--rounds", "2", "--warmup", "1", "--mode", "both"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| infer") or line.startswith("| train")]
+    assert sorted((r[0].strip("| "), r[2]) for r in rows) == sorted(
+        (mode, name) for mode in ("infer", "train") for name in speed.MODELS)
+    for r in rows:
+        if r[2] == "resnet50":
+            assert r[4] == "1.000"
+        if r[2] == "gczoo_body":
+            assert r[6].strip(" |") == "1.000"
+    assert "torch threads:" in out and "batch 2, 32x32, NCHW" in out

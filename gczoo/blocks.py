@@ -80,17 +80,21 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
     return torch.bmm(flat, attn.transpose(1, 2)).reshape(b, c)
 
 
-def fuse(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.Tensor:
+def fuse(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+         inplace: bool = False) -> torch.Tensor:
     """``x * scale + shift`` with ``(B, C)`` or ``(C,)`` terms broadcast over positions.
 
     Either term may be ``None``; they are cast to ``x.dtype`` so the result keeps it. The
     result is a new tensor in ``x``'s memory format. For channels_last input this is one
     ``addcmul`` pass; for NCHW, where the CPU ``addcmul`` kernel is slow with per-row
     broadcast terms, a multiply and an in-place add (measured faster than the one pass).
+    With ``inplace`` and no scale, the shift is added into ``x`` itself (no new tensor of the
+    feature map's size): for an ``x`` nothing else needs, such as a norm layer's fresh output.
     """
     c = x.shape[1]
     if scale is None:
-        return x + shift.to(x.dtype).reshape(-1, c, 1, 1)
+        shift = shift.to(x.dtype).reshape(-1, c, 1, 1)
+        return x.add_(shift) if inplace else x + shift
     scale = scale.to(x.dtype).reshape(-1, c, 1, 1)
     if shift is None:
         return x * scale

@@ -21,10 +21,9 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg
-
-from .. import registry
 from torchvision.ops import FrozenBatchNorm2d
 
+from .. import registry
 from ..blocks import ContextBlock, NonLocalBlock, SimplifiedNonLocalBlock, fuse
 
 __all__ = ["GCResNet", "Bottleneck", "build", "parse_stages", "STAGE_NAMES"]
@@ -141,12 +140,8 @@ class Bottleneck(nn.Module):
         else:
             y = self.conv3(h)
             context = gc.context_of_affine(y, scale, shift)
-        out = self.bn3(y)
-        gc_scale, gc_shift = gc.fusion_terms(context)
-        if gc_scale is None:
-            # "add" fusion: into bn3's fresh output, in place (no new tensor of the block's size)
-            return out.add_(gc_shift.to(out.dtype).reshape(*gc_shift.shape, 1, 1))
-        return fuse(out, gc_scale, gc_shift)
+        # bn3's output is fresh and needed by nothing else: "add" fusion goes into it in place
+        return fuse(self.bn3(y), *gc.fusion_terms(context), inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_block is not None:

@@ -50,6 +50,7 @@ from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from eval import common  # noqa: E402
 from eval.common import BadInput  # noqa: E402
+from gczoo.fileio import atomic_path  # noqa: E402
 from gczoo.registry import model_entry, split_name  # noqa: E402
 from gczoo.weights import sha256_of  # noqa: E402
 
@@ -262,10 +263,8 @@ def evaluate_weights(name: str, coco: COCO, folder: Path, ids: List[int], args: 
 
 def _write_json(path: Path, data) -> None:
     """Write JSON atomically: a partial file never carries the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def _protocol(args: argparse.Namespace) -> dict:

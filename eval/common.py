@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
@@ -38,6 +37,7 @@ import torchvision
 from tqdm import tqdm
 
 import gczoo
+from gczoo.fileio import atomic_path
 from gczoo.convert import StateDictMismatchError, filter_fn
 from gczoo.manifest import ManifestError, load_manifest, metric_numbers
 from gczoo.registry import UnknownModelError, create_model, model_entry, split_name, weights_entry
@@ -396,17 +396,8 @@ def write_report(path: Path, records: List[dict], errors: Optional[List[dict]] =
     verdicts = [r["verdict"] for r in records]
     overall = FAIL if FAIL in verdicts else (PASS if verdicts and all(v == PASS for v in verdicts) else None)
     report = {"verdict": overall, "results": records, "errors": errors or []}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

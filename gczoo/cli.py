@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .fileio import atomic_path
+
 __all__ = ["main"]
 
 
@@ -63,7 +65,8 @@ def _table(args: argparse.Namespace) -> int:
     text = target.read_text(encoding="utf-8")
     current = _readme_block(text, target)
     if args.write:
-        target.write_text(text.replace(current, table), encoding="utf-8")
+        with atomic_path(target) as tmp:
+            tmp.write_text(text.replace(current, table), encoding="utf-8")
         print(f"wrote the model table into {target}")
         return 0
     if current != table:

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
+from .fileio import atomic_path
+
 __all__ = ["ManifestError", "MANIFEST_PATH", "SCHEMA_PATH", "dump_manifest", "load_manifest", "metric_numbers", "validate"]
 
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
@@ -154,8 +156,6 @@ def dump_manifest(data: dict, path: Optional[Union[str, Path]] = None) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False)
     text = re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]",
                   lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
-    target = Path(path or MANIFEST_PATH).resolve()
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(target)
+    with atomic_path(Path(path or MANIFEST_PATH).resolve()) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
     _load_cached.cache_clear()

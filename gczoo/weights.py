@@ -63,6 +63,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .fileio import atomic_path
+
 __all__ = [
     "WeightsError",
     "WeightsUnavailableError",
@@ -169,12 +171,8 @@ def export(
     to_dir = Path(to_dir)
     to_dir.mkdir(parents=True, exist_ok=True)
     dest = to_dir / f"{model_name}.{tag}.safetensors"
-    tmp = dest.with_name(dest.name + ".partial")
-    try:
+    with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -397,12 +395,8 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
             value = value.clone(memory_format=torch.contiguous_format)
         seen.add(storage.data_ptr())
         tensors[key] = value
-    tmp = dest.with_name(dest.name + ".converting")
-    try:
+    with atomic_path(dest) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", **metadata})
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -252,13 +252,16 @@ class NonLocalBlock(nn.Module):
     ``z_i = x_i + BN(W_z sum_j softmax_j(theta(x_i)^T phi(x_j)) g(x_j))`` with ``theta``,
     ``phi``, ``g`` 1x1 convs to ``C/2`` channels and ``W_z`` a 1x1 conv back to ``C``.
     As in NL-Net the BN after ``W_z`` starts with zero scale, so a new block is the identity.
-    The pairwise softmax is unscaled, as in NL-Net's embedded Gaussian.
+    The pairwise softmax is unscaled, as in NL-Net's embedded Gaussian; ``scale=True`` divides
+    ``theta^T phi`` by ``sqrt(C/2)`` first (mmcv's ``NonLocal2d(use_scale=True)``, the NL head of
+    mmsegmentation's NLNet).
     """
 
-    def __init__(self, channels: int, reduction: int = 2):
+    def __init__(self, channels: int, reduction: int = 2, scale: bool = False):
         super().__init__()
         inner = channels // reduction
         self.channels = channels
+        self.scale = scale
         self.theta = nn.Conv2d(channels, inner, 1)
         self.phi = nn.Conv2d(channels, inner, 1)
         self.g = nn.Conv2d(channels, inner, 1)
@@ -279,7 +282,10 @@ class NonLocalBlock(nn.Module):
         query = self.theta(x).flatten(2).transpose(1, 2)  # (B, Np, C')
         key = self.phi(x).flatten(2)  # (B, C', Np)
         value = self.g(x).flatten(2).transpose(1, 2)  # (B, Np, C')
-        attn = torch.softmax(torch.bmm(query, key).float(), dim=-1).to(value.dtype)
+        logits = torch.bmm(query, key).float()
+        if self.scale:
+            logits = logits / query.shape[-1] ** 0.5
+        attn = torch.softmax(logits, dim=-1).to(value.dtype)
         y = torch.bmm(attn, value).transpose(1, 2).reshape(b, -1, h, w)
         return x + self.out_bn(self.out_conv(y))
 

@@ -96,20 +96,25 @@ class Bottleneck(nn.Module):
     channels, or from ``conv3(h)`` before bn3 when that reads less memory
     (:meth:`~gczoo.blocks.ContextBlock.context_of_affine`). The result equals running bn3 and
     the GC block one after the other; training mode and other norm layers take that plain route.
+
+    ``dilation`` dilates the 3x3 conv (padding = dilation), as in dilated ResNets for
+    segmentation (:mod:`gczoo.models.segmentation`).
     """
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, context_block: Optional[nn.Module] = None,
-                 pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+                 pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 dilation: int = 1):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         outplanes = planes * self.expansion
         self.pre_block = pre_block
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = norm_layer(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
+                               bias=False)
         self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
         self.bn3 = norm_layer(outplanes)

@@ -16,7 +16,8 @@ from torch import nn
 
 from .weights import WeightsError
 
-__all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_maskrcnn", "torchvision_resnet"]
+__all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_maskrcnn", "mmseg_segmentor",
+           "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -106,9 +107,49 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
+#: mmsegmentation ``EncoderDecoder`` (GCHead / NLHead + FCNHead) key prefixes -> :mod:`gczoo.models.segmentation`.
+_MMSEG_RENAMES = (
+    (r"backbone\.", "backbone."),  # ResNetV1c: stem.{0,1,3,4,6,7}, layerN.i.{conv,bn}{1,2,3}, downsample.{0,1}
+    (r"decode_head\.(convs\.\d+|conv_cat)\.conv\.", r"classifier.\1.0."),
+    (r"decode_head\.(convs\.\d+|conv_cat)\.bn\.", r"classifier.\1.1."),
+    (r"decode_head\.gc_block\.", "classifier.context_block."),
+    (r"decode_head\.nl_block\.(g|theta|phi)\.conv\.", r"classifier.nonlocal_block.\1."),
+    (r"decode_head\.nl_block\.conv_out\.conv\.", "classifier.nonlocal_block.out_conv."),
+    (r"decode_head\.nl_block\.conv_out\.bn\.", "classifier.nonlocal_block.out_bn."),
+    (r"decode_head\.conv_seg\.", "classifier.conv_seg."),
+    (r"auxiliary_head\.convs\.(\d+)\.conv\.", r"aux_classifier.convs.\1.0."),
+    (r"auxiliary_head\.convs\.(\d+)\.bn\.", r"aux_classifier.convs.\1.1."),
+    (r"auxiliary_head\.conv_seg\.", "aux_classifier.conv_seg."),
+)
+
+
+def mmseg_segmentor(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """mmsegmentation GCNet / NLNet (``EncoderDecoder``) -> :class:`gczoo.models.segmentation.SegmentationModel`.
+
+    Names are mapped one to one (:data:`_MMSEG_RENAMES`; mmcv's ``ConvModule`` ``.conv``/``.bn``
+    become ``.0``/``.1``, ``gc_block`` the zoo's ``context_block``, ``nl_block``'s
+    ``conv_out.{conv,bn}`` its ``out_conv``/``out_bn``); values are unchanged. The auxiliary head
+    is dropped only when the model has none (built without ``aux_loss``). A key matching none of
+    these names is passed through unchanged, so the strict check of :func:`filter_fn` reports it.
+    """
+    keep_aux = getattr(model, "aux_classifier", None) is not None
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key.startswith("auxiliary_head.") and not keep_aux:
+            continue
+        new = key
+        for pattern, replacement in _MMSEG_RENAMES:
+            new, hits = re.subn("^" + pattern, replacement, key)
+            if hits:
+                break
+        out[new] = value
+    return out
+
+
 CONVERTERS: Dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
     "identity": identity,
     "mmdet_maskrcnn": mmdet_maskrcnn,
+    "mmseg_segmentor": mmseg_segmentor,
     "torchvision_resnet": torchvision_resnet,
 }
 

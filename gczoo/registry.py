@@ -31,7 +31,8 @@ __all__ = ["create_model", "list_models", "model_info", "split_name", "model_ent
 _logger = logging.getLogger(__name__)
 
 #: Module that builds each family (``None``: timm builds it).
-FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None}
+FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None,
+                  "segmentation": "gczoo.models.segmentation"}
 
 
 class UnknownModelError(ValueError):

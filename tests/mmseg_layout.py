@@ -5,7 +5,7 @@ Key names and shapes follow mmsegmentation 1.2.2's modules (``ResNetV1c`` deep s
 ``GCHead`` / ``NLHead`` with mmcv ``ConvModule``s ``convs.{0,1}``, ``conv_cat``, ``gc_block`` /
 ``nl_block``, ``conv_seg``; ``FCNHead`` as ``auxiliary_head``), written out here independently of
 gczoo's converter; mmsegmentation itself loads these files strictly (the golden logits in
-``tests/data/segmentation/`` were made that way, see its README).
+``tests/data/segmentation/`` were made that way by ``make_golden.py`` there).
 
 Values come from torch's CPU generator seeded per key (crc32 of the key and the seed), so the
 same file is written on every platform, and are conditioned so that logits stay bounded and vary over

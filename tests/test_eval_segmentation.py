@@ -175,3 +175,33 @@ def test_single_scale_and_ms_flip_are_compared_with_their_own_published_number()
     assert "sliding window" in single[0]["protocol"]["test"] and "flip" in multi[0]["protocol"]["test"]
     assert segmentation.rescale_size(1024, 2048, (2049, 1025)) == (1025, 2049)
     assert segmentation.rescale_size(375, 500, (2048, 512)) == (512, 683)
+
+
+def test_ms_flip_averages_softmax_over_scales_and_flips_at_the_original_size():
+    torch.manual_seed(0)
+
+    class Stub(torch.nn.Module):  # a 3x3 conv: not flip-equivariant, so the flip-back shows
+        align_corners = False
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return {"out": self.conv(x)}
+
+    model, image = Stub().eval(), torch.randint(0, 256, (3, 10, 16), dtype=torch.uint8)
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    scales = [(8, 5), (16, 10), (24, 15)]  # (long, short) -> 5x8, 10x16 (the image), 15x24
+    with torch.no_grad():
+        got = segmentation.predict_probabilities(model, image, scales, True, mean, std)
+        expected = torch.zeros(4, 10, 16)
+        for h, w in [(5, 8), (10, 16), (15, 24)]:
+            x = (torch.nn.functional.interpolate(image[None].float() / 255, size=(h, w), mode="bilinear") - mean) / std
+            for flip in (False, True):
+                logits = model(x.flip(-1) if flip else x)["out"]
+                logits = logits.flip(-1) if flip else logits
+                expected += torch.nn.functional.interpolate(logits, size=(10, 16), mode="bilinear")[0].softmax(0) / 6
+        single = segmentation.predict_probabilities(model, image, [(16, 10)], False, mean, std)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(single, model((image[None].float() / 255 - mean) / std)["out"][0])

@@ -203,7 +203,7 @@ class HubServer(_LoopbackServer):
 
 @pytest.fixture
 def weights_env(tmp_path, monkeypatch):
-    """Private HF_HOME and TORCH_HOME; no offline flag, mirror or endpoint from the outer env.
+    """Private HF_HOME and TORCH_HOME; no offline flag, mirror, endpoint or deadline from the outer env.
 
     huggingface_hub read HF_HUB_OFFLINE when it was imported; its module constant is reset too
     so that an outer ``HF_HUB_OFFLINE=1`` does not block the loopback hub (tests that need offline
@@ -213,8 +213,12 @@ def weights_env(tmp_path, monkeypatch):
     import torch.hub
     from huggingface_hub import constants
 
-    for var in ("HF_HUB_OFFLINE", "GCZOO_OFFLINE", "GCZOO_MIRROR", "HF_ENDPOINT", "HF_HUB_CACHE"):
+    for var in ("HF_HUB_OFFLINE", "GCZOO_OFFLINE", "GCZOO_MIRROR", "HF_ENDPOINT", "HF_HUB_CACHE",
+                "GCZOO_DOWNLOAD_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
+    # The loopback servers speak plain http, where a source pinned only by a hash prefix needs this
+    # opt-in; the tests of that policy remove it.
+    monkeypatch.setenv("GCZOO_ALLOW_PREFIX_ONLY", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

@@ -64,6 +64,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,6 +95,7 @@ __all__ = [
     "load_checkpoint",
     "sha256_of",
     "pin",
+    "digests_from",
     "export",
 ]
 
@@ -202,6 +204,34 @@ def pin(model_name: str, tag: str, entry: dict) -> list[str]:
             recorded = (f.metadata() or {}).get(_META_SHA256)
         digests.append(recorded or sha256_of(path))
     return digests
+
+
+def digests_from(model_name: str, tag: str, entry: dict, base: str) -> list[tuple[str | None, str]]:
+    """Download every source of the entry again from another host: ``(sha256 or None, note)`` per source.
+
+    ``base`` is ``http(s)://host[:port][/prefix]``: a URL source is fetched from ``base`` plus its
+    path (as ``GCZOO_MIRROR`` would), a hub source from the hub endpoint ``base``. Nothing enters
+    a cache: each file is downloaded (bounded as usual) into a temporary folder, hashed and deleted.
+    The note names the address, and why it gave no digest. For ``gczoo pin``: a digest both hosts
+    agree on comes from two independent sources.
+    """
+    label = f"{model_name}.{tag}"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gczoo-pin-") as tmp:
+        for i, source in enumerate(entry["sources"]):
+            if source.get("type") == "hf_hub":
+                url = hf_hub_url(source["repo_id"], source["filename"], revision=source.get("revision", "main"),
+                                 endpoint=base.rstrip("/"))
+            else:
+                url = _mirrored(source["url"], base)
+            partial = Path(tmp) / f"{i}.partial"
+            try:
+                _download(url, partial, progress=True, label=label, size=source.get("size"))
+            except _Unavailable as err:
+                results.append((None, f"{url}: {err}"))
+                continue
+            results.append((sha256_of(partial), url))
+    return results
 
 
 def export(
@@ -632,9 +662,9 @@ def _hf_cache_dir() -> str | None:
     return None
 
 
-def _mirrored(url: str) -> str:
-    """Apply ``GCZOO_MIRROR``: its scheme and host (and path prefix, if any) replace the URL's."""
-    mirror = os.environ.get("GCZOO_MIRROR")
+def _mirrored(url: str, mirror: str | None = None) -> str:
+    """Apply ``mirror`` (default ``GCZOO_MIRROR``): its scheme and host (and path prefix, if any) replace the URL's."""
+    mirror = mirror or os.environ.get("GCZOO_MIRROR")
     if not mirror:
         return url
     m, u = urlsplit(mirror), urlsplit(url)

@@ -85,7 +85,7 @@ def test_strict_loading_names_the_keys_and_keeps_the_auxiliary_head(tmp_path):
 
 
 def test_tags_carry_their_test_settings_and_the_cards_their_sizes():
-    ade = gczoo.create_model("nonlocal_resnet50_d8.mmseg_ade20k_512x512_160k", pretrained_cfg="mmseg_ade20k_512x512_160k")
+    ade = gczoo.create_model("nonlocal_resnet50_d8.mmseg_ade20k_512x512_160k")
     assert (ade.num_classes, ade.test_mode, ade.align_corners) == (150, "whole", False)
     assert ade.meta["classes"][0] == "wall" and len(ade.meta["classes"]) == 150
     slide = gczoo.create_model("gcnet_resnet101_d8.mmseg_cityscapes_769x769_80k")

@@ -1,4 +1,4 @@
 """Model families of the zoo; importing a family registers its architectures."""
-from . import detection, gc_resnet
+from . import detection, gc_resnet, segmentation
 
-__all__ = ["detection", "gc_resnet"]
+__all__ = ["detection", "gc_resnet", "segmentation"]

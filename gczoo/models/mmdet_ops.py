@@ -218,6 +218,9 @@ def resize_image(image: Tensor, size: Tuple[int, int]) -> Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     if cv2 is None:
+        warnings.warn("OpenCV is not installed: images are resized in float, which differs from mmdetection's 8-bit "
+                      "OpenCV resize by up to one grey level and moves a few detections; "
+                      "`pip install gczoo[detection]` (opencv-python-headless) gives mmdetection's pixels.", stacklevel=2)
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     pixels = (image.detach() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     resized = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)

@@ -3,7 +3,6 @@ loading path, mmdetection's own numbers (golden files written by the mmdetection
 train mode, and the shared mmdetection components (OpenCV resize, DCN v1, pinned private import)."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest

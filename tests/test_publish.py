@@ -153,6 +153,14 @@ def test_unknown_architecture_and_missing_repo_are_clear_errors(hub):
         gczoo.create_model("hf-hub:no-org")
 
 
+def test_publish_refuses_a_checkpoint_that_is_not_the_upstream_file(weights_env, tmp_path, capsys):
+    other = tmp_path / "resnet50.pth"
+    other.write_bytes(b"not the upstream file")
+    assert main(["publish", f"{CLS}.{CLS_TAG}", "--out", str(tmp_path / "out"), "--checkpoint", str(other)]) == 2
+    assert "is not the tag's upstream file (expected sha256 or prefix: 0676ba61)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def mmdet_pth(tmp_path_factory):
     """A synthetic GC Mask R-CNN checkpoint in mmdetection's layout, with non-trivial backbone BatchNorm."""
@@ -207,7 +215,8 @@ def test_backbone_tag_is_the_detectors_backbone(hub, file_server, mmdet_pth, man
     assert headless.fc.out_features == 10
 
     # Published: no classifier tensors, the card gives the detector's AP as provenance only.
-    folder = publish(f"{CLS}.{BB_TAG}", tmp_path / "out", progress=False)
+    assert main(["publish", f"{CLS}.{BB_TAG}", "--out", str(tmp_path / "out"), "--checkpoint", str(mmdet_pth)]) == 0
+    folder = tmp_path / "out" / f"{CLS}.{BB_TAG}"
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         assert f.metadata()["gczoo_converter"] == "new_head" and not any(k.startswith("fc.") for k in f.keys())
     card = ModelCard.load(folder / "README.md")

@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -192,65 +193,60 @@ def _point_tags_at(manifest_copy, file_server, pth: Path) -> None:
     manifest_copy(edit)
 
 
-def test_backbone_tag_is_the_detectors_backbone(hub, file_server, mmdet_pth, manifest_copy, tmp_path):
-    _point_tags_at(manifest_copy, file_server, mmdet_pth)
-    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(5))
-    detector = gczoo.create_model(f"{DET}.{DET_TAG}", pretrained=True, min_size=96, max_size=128).eval()
-    backbone = gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, features_only=True).eval()
-    with torch.no_grad():
-        expected = list(detector.backbone.body(x).values())
-        got = backbone(x)
-        assert [t.shape[1] for t in got] == [256, 512, 1024, 2048]
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert len(file_server.gets(mmdet_pth.name)) == 1, "one upstream file for both tags"
-
-    # Without features_only: the head is new, and the zoo says so once.
-    with pytest.warns(UserWarning, match="classifier head is newly initialised"):
-        gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, num_classes=10)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        headless = gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, num_classes=10)
-    assert headless.fc.out_features == 10
-
-    # Published: no classifier tensors, the card gives the detector's AP as provenance only.
-    assert main(["publish", f"{CLS}.{BB_TAG}", "--out", str(tmp_path / "out"), "--checkpoint", str(mmdet_pth)]) == 0
-    folder = tmp_path / "out" / f"{CLS}.{BB_TAG}"
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
-        assert f.metadata()["gczoo_converter"] == "new_head" and not any(k.startswith("fc.") for k in f.keys())
-    card = ModelCard.load(folder / "README.md")
-    assert card.data.eval_results is None and card.data.pipeline_tag == "image-feature-extraction"
-    assert "**not** as results of this model" in card.text and "| box AP 40.4, mask AP 36.2 |" in card.text
-    _serve_repo(hub, folder, f"gczoo/{folder.name}")
-    with torch.no_grad():
-        for hosted in (gczoo.create_model(f"hf-hub:gczoo/{folder.name}", pretrained=True, features_only=True),
-                       timm.create_model(f"hf-hub:gczoo/{folder.name}", pretrained=True, features_only=True)):
-            for a, b in zip(hosted.eval()(x), got):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_detection_repo_loads_by_name_and_equals_upstream(hub, file_server, mmdet_pth, manifest_copy, tmp_path):
+def test_detector_and_its_backbone_tag_published_and_loaded_by_name(hub, file_server, mmdet_pth, manifest_copy, tmp_path):
+    """One upstream file: the detector, the backbone tag (exactly the detector's c2..c5), both published and loaded."""
     _point_tags_at(manifest_copy, file_server, mmdet_pth)
     images = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(6))]
+    x = (images[0][None] - 0.45) / 0.225
     kwargs = dict(min_size=96, max_size=128, rpn_post_nms_top_n_test=50, box_score_thresh=0.0)
     detector = gczoo.create_model(f"{DET}.{DET_TAG}", pretrained=True, **kwargs).eval()
-    folder = publish(f"{DET}.{DET_TAG}", tmp_path / "out", progress=False)
-    config = json.loads((folder / "config.json").read_text())
-    assert config == {"architecture": DET, "family": "maskrcnn", "tag": DET_TAG, "gczoo_version": gczoo.__version__}
-    card = ModelCard.load(folder / "README.md")
+    backbone = gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, features_only=True).eval()
+    with torch.no_grad():
+        expected_detections = detector(images)[0]
+        expected = list(detector.backbone.body(x).values())
+        features = backbone(x)
+    assert [t.shape[1] for t in features] == [256, 512, 1024, 2048] and len(expected_detections["boxes"]) > 0
+    for a, b in zip(features, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(file_server.gets(mmdet_pth.name)) == 1, "one upstream download for both tags"
+
+    # Without features_only the head is new, and the zoo says so once.
+    with pytest.warns(UserWarning, match="classifier head is newly initialised"):
+        gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, num_classes=10).fc.out_features == 10
+
+    # Publish both (the backbone from the local upstream file, checked against its hash prefix).
+    out = tmp_path / "out"
+    assert main(["publish", f"{CLS}.{BB_TAG}", "--out", str(out), "--checkpoint", str(mmdet_pth)]) == 0
+    det_folder = publish(f"{DET}.{DET_TAG}", out, progress=False)
+    bb_folder = out / f"{CLS}.{BB_TAG}"
+    with safe_open(bb_folder / "model.safetensors", framework="pt") as f:
+        assert f.metadata()["gczoo_converter"] == "new_head" and not any(k.startswith("fc.") for k in f.keys())
+    card = ModelCard.load(bb_folder / "README.md")
+    assert card.data.eval_results is None and card.data.pipeline_tag == "image-feature-extraction"
+    assert "**not** as results of this model" in card.text and "| box AP 40.4, mask AP 36.2 |" in card.text
+    assert json.loads((det_folder / "config.json").read_text()) == {
+        "architecture": DET, "family": "maskrcnn", "tag": DET_TAG, "gczoo_version": gczoo.__version__}
+    card = ModelCard.load(det_folder / "README.md")
     entry = load_manifest()["models"][DET]["weights"][DET_TAG]
     assert sorted((r.metric_type, r.metric_value) for r in card.data.eval_results) == sorted(
         (k, v) for m in entry["metrics"] for k, v in metric_numbers(m).items())
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "object-detection"
 
-    _serve_repo(hub, folder, f"gczoo/{folder.name}")
-    hosted = gczoo.create_model(f"hf-hub:gczoo/{folder.name}", pretrained=True, **kwargs).eval()
+    # Served as hub repos, loaded by name: the same outputs as the upstream file.
+    for folder in (det_folder, bb_folder):
+        _serve_repo(hub, folder, f"gczoo/{folder.name}")
+    hosted = gczoo.create_model(f"hf-hub:gczoo/{det_folder.name}", pretrained=True, **kwargs).eval()
     with torch.no_grad():
-        out, expected = hosted(images)[0], detector(images)[0]
-    assert len(expected["boxes"]) > 0
-    for key in ("boxes", "labels", "scores", "masks"):
-        torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
+        detections = hosted(images)[0]
+        for key in ("boxes", "labels", "scores", "masks"):
+            torch.testing.assert_close(detections[key], expected_detections[key], rtol=0, atol=0)
+        for net in (gczoo.create_model(f"hf-hub:gczoo/{bb_folder.name}", pretrained=True, features_only=True),
+                    timm.create_model(f"hf-hub:gczoo/{bb_folder.name}", pretrained=True, features_only=True)):
+            for a, b in zip(net.eval()(x), features):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_backbone_tags_cover_every_gc_detector_with_matching_architecture():

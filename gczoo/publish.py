@@ -100,6 +100,13 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
         classifier = model.pretrained_cfg.get("classifier", "fc") + "."
         tensors = {k: v for k, v in tensors.items() if not k.startswith(classifier)}
     address = source.get("url") or f"{_HF}/{source['repo_id']}/resolve/{source['revision']}/{source['filename']}"
+    if source.get("sha256"):
+        verified = "the manifest's full sha256 pin"
+    elif source["type"] == "hf_hub":
+        verified = "the hub's own sha256 of the file (its LFS ETag); not pinned in the manifest"
+    else:
+        verified = (f"only the hash prefix {source['sha256_prefix']} carried in the file name "
+                    f"({4 * len(source['sha256_prefix'])} bits); pin it with `gczoo pin`")
     metadata = {"format": "pt", "gczoo_upstream": address, "gczoo_upstream_sha256": digest,
                 "gczoo_converted_by": entry["converter"], "gczoo_converter": "new_head" if headless else "identity",
                 "gczoo_version": gczoo.__version__}
@@ -111,7 +118,8 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
     try:
         _save_safetensors(tensors, tmp / "model.safetensors", metadata)
         _write_config(model, family, arch, tag, tmp / "config.json")
-        card = _model_card(arch, tag, entry, family, metadata, org, sha256=weights.sha256_of(tmp / "model.safetensors"))
+        card = _model_card(arch, tag, entry, family, metadata, org, verified,
+                           sha256=weights.sha256_of(tmp / "model.safetensors"))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -160,15 +168,24 @@ def _upstream_sha256(path: Path) -> str:
 
 
 def _verify_checkpoint(label: str, path: Path, upstream: List[dict]) -> Tuple[dict, str]:
-    from .weights import WeightsError, WeightsIntegrityError, sha256_of
+    from .weights import _TRUE, WeakPinError, WeightsError, WeightsIntegrityError, sha256_of
 
     if not path.is_file():
         raise WeightsError(f"{label}: no checkpoint file at {path}")
     digest = sha256_of(path)
+    prefix_only_allowed = os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE
     for source in upstream:
         pinned, prefix = source.get("sha256"), source.get("sha256_prefix")
-        if (pinned and digest == pinned) or (not pinned and prefix and digest.startswith(prefix)):
+        if pinned and digest == pinned:
             return source, digest
+        if not pinned and prefix and digest.startswith(prefix):
+            if prefix_only_allowed:
+                return source, digest
+            raise WeakPinError(
+                f"{label}: {path.name} matches only the hash prefix {prefix} of {source['url']} "
+                f"({4 * len(prefix)} bits, forgeable), and a published file would turn that into a full pin. "
+                "Publish without --checkpoint (downloaded from the origin), pin the upstream sha256 first "
+                f"(`gczoo pin {label} --confirm SHA256`), or accept the risk with GCZOO_ALLOW_PREFIX_ONLY=1.")
     checkable = [s.get("sha256") or s.get("sha256_prefix") for s in upstream if s.get("sha256") or s.get("sha256_prefix")]
     if not checkable:
         raise WeightsError(f"{label}: no upstream source has a pinned sha256 to check {path.name} against; "
@@ -253,7 +270,8 @@ def _metric_line(metric: dict) -> str:
     return f"| {metric['task']} | {metric_values(metric)} | {protocol} | {metric['source']} |"
 
 
-def _model_card(arch: str, tag: str, entry: dict, family: str, metadata: dict, org: str, sha256: str) -> str:
+def _model_card(arch: str, tag: str, entry: dict, family: str, metadata: dict, org: str, verified: str,
+                sha256: str) -> str:
     from huggingface_hub import ModelCardData
 
     from . import convert
@@ -315,7 +333,7 @@ def _model_card(arch: str, tag: str, entry: dict, family: str, metadata: dict, o
     lines += [f"- {note}" for note in model.get("notes", [])]
     lines += ["", "## Provenance", "",
               f"- upstream file: {metadata['gczoo_upstream']}",
-              f"- its sha256: `{metadata['gczoo_upstream_sha256']}`",
+              f"- its sha256: `{metadata['gczoo_upstream_sha256']}`, checked at publishing against {verified}",
               f"- converter: `{metadata['gczoo_converted_by']}`; gczoo {metadata['gczoo_version']}",
               f"- `model.safetensors` sha256: `{sha256}` (publishing is deterministic: `gczoo publish {name}` "
               "reproduces this file bit for bit)",

@@ -133,7 +133,9 @@ def test_classifier_repo_loads_through_timm_and_gczoo_and_is_deterministic(hub, 
         sources[:] = [dict(source, sha256=None), sources[0]]  # hosted copy, then the upstream hub file
 
     path = manifest_copy(hosted_first)
-    assert main(["pin", f"{CLS}.{CLS_TAG}", "--manifest", str(path)]) == 0
+    # Publishing is deterministic, so the maintainer confirms the digest it printed.
+    assert main(["pin", f"{CLS}.{CLS_TAG}", "--manifest", str(path), "--confirm", source["sha256"],
+                 "--confirm", meta["gczoo_upstream_sha256"]]) == 0
     pinned = load_manifest(path)["models"][CLS]["weights"][CLS_TAG]["sources"]
     assert [s["sha256"] for s in pinned] == [source["sha256"], meta["gczoo_upstream_sha256"]]
     upstream.unlink()  # only the hosted copy is left
@@ -154,11 +156,19 @@ def test_unknown_architecture_and_missing_repo_are_clear_errors(hub):
         gczoo.create_model("hf-hub:no-org")
 
 
-def test_publish_refuses_a_checkpoint_that_is_not_the_upstream_file(weights_env, tmp_path, capsys):
+def test_publish_refuses_a_checkpoint_that_is_not_the_upstream_file(weights_env, tmp_path, capsys, manifest_copy,
+                                                                   monkeypatch):
     other = tmp_path / "resnet50.pth"
     other.write_bytes(b"not the upstream file")
     assert main(["publish", f"{CLS}.{CLS_TAG}", "--out", str(tmp_path / "out"), "--checkpoint", str(other)]) == 2
-    assert "is not the tag's upstream file (expected sha256 or prefix: 0676ba61)" in capsys.readouterr().err
+    pinned = load_manifest()["models"][CLS]["weights"][CLS_TAG]["sources"][1]["sha256"]
+    assert f"is not the tag's upstream file (expected sha256 or prefix: {pinned})" in capsys.readouterr().err
+    # A file matching only the 32-bit prefix in an upstream name is not enough to publish from.
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    manifest_copy(lambda d: d["models"][DET]["weights"][DET_TAG]["sources"][0].update(sha256=None, sha256_prefix=digest[:8]))
+    monkeypatch.delenv("GCZOO_ALLOW_PREFIX_ONLY")  # set by weights_env for the plain-http loopback servers
+    assert main(["publish", f"{DET}.{DET_TAG}", "--out", str(tmp_path / "out"), "--checkpoint", str(other)]) == 2
+    assert "matches only the hash prefix" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -182,9 +192,9 @@ def _point_tags_at(manifest_copy, file_server, pth: Path) -> None:
     served = Path(file_server.root) / pth.name
     if not served.exists():
         shutil.copyfile(pth, served)
-    prefix = hashlib.sha256(pth.read_bytes()).hexdigest()[:8]
-    source = {"type": "url", "url": f"{file_server.url}/{pth.name}", "format": "pickle", "sha256": None,
-              "sha256_prefix": prefix}
+    digest = hashlib.sha256(pth.read_bytes()).hexdigest()
+    source = {"type": "url", "url": f"{file_server.url}/{pth.name}", "format": "pickle", "sha256": digest,
+              "sha256_prefix": digest[:8]}
 
     def edit(data):
         data["models"][DET]["weights"][DET_TAG]["sources"] = [dict(source)]
@@ -217,7 +227,7 @@ def test_detector_and_its_backbone_tag_published_and_loaded_by_name(hub, file_se
         warnings.simplefilter("error")
         assert gczoo.create_model(f"{CLS}.{BB_TAG}", pretrained=True, num_classes=10).fc.out_features == 10
 
-    # Publish both (the backbone from the local upstream file, checked against its hash prefix).
+    # Publish both (the backbone from the local upstream file, checked against its pinned sha256).
     out = tmp_path / "out"
     assert main(["publish", f"{CLS}.{BB_TAG}", "--out", str(out), "--checkpoint", str(mmdet_pth)]) == 0
     det_folder = publish(f"{DET}.{DET_TAG}", out, progress=False)

@@ -25,7 +25,6 @@ import os
 import shutil
 import struct
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
@@ -62,9 +61,11 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
     """Write ``out/{arch}.{tag}`` for the weights ``name`` (``arch.tag``); return the folder.
 
     The upstream file is fetched and verified by :mod:`gczoo.weights`, or read from
-    ``checkpoint``, which must be that file (its sha256 is checked against the manifest's pin or
-    hash prefix). A hosted copy listed among the sources (one with its own converter) is never
-    the input: publishing starts from upstream.
+    ``checkpoint``, which must be that file (its sha256 is checked against the manifest's full
+    pin; against a hash prefix only with ``GCZOO_ALLOW_PREFIX_ONLY=1``). A hosted copy listed
+    among the sources (one with its own converter) is never the input: publishing starts from
+    upstream. GC-block parameters a converter takes from the model's initialisation come from a
+    fixed seed, so the same input and torch version give the same bytes.
     """
     import gczoo
     from . import convert, weights
@@ -92,9 +93,7 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
         model = create_model(f"{arch}.{tag}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # new_head's warning is for users building a classifier
-        tensors = convert.filter_fn(arch, tag, entry["converter"], str(path))(state_dict, model)
+    tensors = convert.filter_fn(arch, tag, entry["converter"], str(path))(state_dict, model)
     headless = entry["converter"] in convert.HEADLESS
     if headless:
         classifier = model.pretrained_cfg.get("classifier", "fc") + "."

@@ -25,7 +25,7 @@ import gczoo
 from gczoo import manifest as manifest_module
 from gczoo.cli import main
 from gczoo.gcify import gcify
-from gczoo.manifest import MANIFEST_PATH, dump_manifest, load_manifest, metric_numbers
+from gczoo.manifest import dump_manifest, load_manifest, metric_numbers
 from gczoo.publish import hosted_source, publish
 from gczoo.registry import UnknownModelError
 from mmdet_layout import mmdet_maskrcnn_state_dict, write_checkpoint
@@ -260,24 +260,27 @@ def test_detector_and_its_backbone_tag_published_and_loaded_by_name(hub, file_se
 
 
 def test_backbone_tags_cover_every_gc_detector_with_matching_architecture():
+    """A backbone tag per GC Mask R-CNN checkpoint (+ the two non-DCN GC Cascade ones), on the classifier with the
+    detector's backbone arguments, reading the same file; the detector's AP is provenance, never a metric."""
     models = load_manifest()["models"]
     detectors = {f"{a}.{t}" for a, m in models.items() if m["family"] == "maskrcnn" and "_gc_" in a for t in m["weights"]}
-    backbones = {a: (t, w) for a, m in models.items() for t, w in m["weights"].items() if w["converter"] == "mmdet_backbone"}
-    named = {}
-    for arch, (tag, w) in ((a, tw) for a, m in models.items() for tw in m["weights"].items()
-                           if tw[1]["converter"] == "mmdet_backbone"):
-        assert models[arch]["family"] == "gc_resnet" and w["metrics"] == [], "detector AP is provenance, not a result"
-        name = w["detector"].get("name")
-        if name is None:
-            assert tag == "mmdet_coco_cascade_syncbn"
-            continue
-        det_arch, det_tag = name.split(".")
-        det = models[det_arch]
-        assert {k: v for k, v in det["arch"].items()} == models[arch]["arch"], (arch, det_arch)
-        assert det["weights"][det_tag]["sources"] == w["sources"] and det["weights"][det_tag]["metrics"] == w["detector"]["metrics"]
-        named[name] = f"{arch}.{tag}"
-    assert set(named) == detectors and backbones
-    assert sum(t == "mmdet_coco_cascade_syncbn" for a, m in models.items() for t in m["weights"]) == 2
+    covered, cascade = set(), []
+    for arch, model in models.items():
+        for tag, w in model["weights"].items():
+            if w["converter"] != "mmdet_backbone":
+                continue
+            assert model["family"] == "gc_resnet" and w["metrics"] == [], f"{arch}.{tag}"
+            if "name" not in w["detector"]:
+                cascade.append(f"{arch}.{tag}")
+                continue
+            det_arch, det_tag = w["detector"]["name"].split(".")
+            det = models[det_arch]
+            assert det["arch"] == model["arch"], (arch, det_arch)
+            assert det["weights"][det_tag]["sources"] == w["sources"]
+            assert det["weights"][det_tag]["metrics"] == w["detector"]["metrics"]
+            covered.add(w["detector"]["name"])
+    assert covered == detectors and len(detectors) == 10
+    assert sorted(cascade) == ["resnext101_32x4d_gc_r16.mmdet_coco_cascade_syncbn", "resnext101_32x4d_gc_r4.mmdet_coco_cascade_syncbn"]
 
 
 def test_gcify_basic_block_after_bn2_before_the_residual_addition(image):

@@ -67,11 +67,17 @@ def repo_of(pretrained_cfg: Any) -> Optional[Tuple[str, str]]:
 
 def fetch_weights(arch: str, repo_id: str, revision: str) -> Tuple[str, str]:
     """``(local path, converter)`` of the repo's verified ``model.safetensors``."""
-    from .weights import WeightsError, fetch_with_source
+    from .weights import WeightsError, WeightsUnavailableError, fetch_with_source
 
     source = {"type": "hf_hub", "repo_id": repo_id, "filename": WEIGHTS_FILE, "revision": revision,
               "format": "safetensors", "sha256": None}
-    path, _ = fetch_with_source(arch, f"(hf-hub:{repo_id})", {"sources": [source]})
+    try:
+        path, _ = fetch_with_source(arch, f"(hf-hub:{repo_id})", {"sources": [source]})
+    except WeightsUnavailableError as err:
+        reason = str(err).splitlines()[1].strip().lstrip("- ") if len(str(err).splitlines()) > 1 else str(err)
+        raise WeightsUnavailableError(
+            f"cannot obtain {WEIGHTS_FILE} of the hub repo {repo_id}@{revision}: {reason}. Offline, load it once "
+            "with network access first (it is then served from the hub cache).") from err
     with safe_open(path, framework="pt") as f:
         converter = (f.metadata() or {}).get(CONVERTER_KEY, "identity")
     if converter not in LAYOUT_CONVERTERS:

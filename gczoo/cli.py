@@ -6,6 +6,7 @@
 ``gczoo table [--check F | --write F]`` the README's model table
 ``gczoo download NAME[.TAG] [--to DIR]`` fetch, verify and copy weights for an air-gapped machine
 ``gczoo pin NAME.TAG``                maintainers: download each source and record its sha256 in the manifest
+``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
 
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights.
 """
@@ -164,6 +165,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if verdict == "PASS" else 1
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_command
+
+    try:
+        analyze_command(args.name, args.images, args.out, checkpoint=args.checkpoint)
+    except ImportError as e:  # the figure's matplotlib: an extra
+        print(f"gczoo analyze: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gczoo", description="Global Context Networks model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="NAME.TAG")
     p.add_argument("--manifest", type=Path, help="manifest to update (default: the package's)")
     p.set_defaults(func=_pin)
+    p = sub.add_parser("analyze", help="query independence of NL/SNL/GC blocks on images: table and attention maps")
+    p.add_argument("name", help="NAME or NAME.TAG (weights: the tag, --checkpoint, else random initialisation)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--out", type=Path, required=True, help="folder for the table (.md, .json) and figure (.png)")
+    p.add_argument("--checkpoint", type=Path, help="state dict of the model in the zoo's layout (.safetensors or .pth)")
+    p.set_defaults(func=_analyze)
     return parser
 
 

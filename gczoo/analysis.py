@@ -354,10 +354,23 @@ def _display(picture: torch.Tensor) -> torch.Tensor:
     return ((p - low) / (high - low).clamp_min(1e-12)).permute(1, 2, 0)
 
 
+def _panels(block: nn.Module, x: torch.Tensor, queries: int) -> List[Tuple[torch.Tensor, Optional[Tuple[int, int]], Tuple[int, int]]]:
+    """``(map of the middle frame, query (row, col) or None, grid (h, w))`` per panel of one block."""
+    t, h, w = tuple(x.shape[2:]) if x.dim() == 5 else (1, *x.shape[2:])
+    frame = t // 2
+    if isinstance(block, NonLocalBlock):
+        fractions = [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75), (0.5, 0.5)][:queries]
+        points = [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in fractions]
+        maps = attention_maps(block, x, torch.tensor([(frame * h + py) * w + px for py, px in points]))
+    else:
+        points, maps = [None], attention_maps(block, x)
+    return [(m.reshape(t, h, w)[frame], point, (h, w)) for m, point in zip(maps, points)]
+
+
 def plot_attention_maps(captured: Dict[str, Tuple[nn.Module, torch.Tensor]], network_input: torch.Tensor,
                         path: Union[str, Path], queries: int = 4, title: str = "") -> Path:
-    """Draw the attention maps of ``queries`` query pixels of each NL block (one row per block;
-    SNL and GC blocks: their single map) over the network input, the query pixels marked.
+    """Draw the attention maps of ``queries`` query pixels of each NL block (a row per block, the
+    query pixels marked) and the single map of each SNL / GC block, over the network input.
 
     Video features ``(T, H, W)`` show the middle frame (queries there, maps of that frame).
     """
@@ -365,43 +378,38 @@ def plot_attention_maps(captured: Dict[str, Tuple[nn.Module, torch.Tensor]], net
     picture = network_input[0]
     if picture.dim() == 4:  # (C, T, H, W): the middle frame
         picture = picture[:, picture.shape[1] // 2]
-    picture = _display(picture)
+    picture = _display(picture).numpy()
     height, width = picture.shape[:2]
-    names = list(captured)
-    cols = queries if any(isinstance(b, NonLocalBlock) for b, _ in captured.values()) else 1
-    fig, axes = plt.subplots(len(names), cols, figsize=(2.4 * cols, 2.4 * len(names)), squeeze=False)
-    for row, name in enumerate(names):
-        block, x = captured[name]
-        grid = tuple(x.shape[2:]) if x.dim() == 5 else (1, *x.shape[2:])
-        t, h, w = grid
-        frame = t // 2
-        if isinstance(block, NonLocalBlock):
-            fractions = [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75), (0.5, 0.5)]
-            points = [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in fractions[:queries]]
-            index = torch.tensor([(frame * h + py) * w + px for py, px in points])
-            maps = attention_maps(block, x, index)
+    has_nl = any(isinstance(b, NonLocalBlock) for b, _ in captured.values())
+    cols = queries if has_nl else min(4, len(captured))
+    rows: List[list] = []  # each NL block a row of its own; single-map blocks packed `cols` to a row
+    for name, (block, x) in captured.items():
+        label = f"{name} ({_kind(block).upper()})"
+        panels = [(label, *panel) for panel in _panels(block, x, queries)]
+        if isinstance(block, NonLocalBlock) or not rows or len(rows[-1]) >= cols or rows[-1][0][2] is not None:
+            rows.append(panels)
         else:
-            points, maps = [None], attention_maps(block, x)
-        for col in range(cols):
-            ax = axes[row][col]
+            rows[-1].extend(panels)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.4 * len(rows) + 0.3), squeeze=False,
+                             layout="constrained")
+    for r, panels in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
             ax.axis("off")
-            if col >= len(points):
+            if c >= len(panels):
                 continue
-            heat = maps[col].reshape(t, h, w)[frame]
-            ax.imshow(picture.numpy())
+            label, heat, point, (h, w) = panels[c]
+            ax.imshow(picture)
             ax.imshow(heat.numpy(), cmap="jet", alpha=0.5, extent=(0, width, height, 0), interpolation="bilinear")
-            label = f"{name} ({_kind(block).upper()})"
-            if points[col] is not None:
-                py, px = points[col]
-                ax.plot((px + 0.5) * width / w, (py + 0.5) * height / h, marker="*", color="white",
+            if point is not None:
+                ax.plot((point[1] + 0.5) * width / w, (point[0] + 0.5) * height / h, marker="*", color="white",
                         markeredgecolor="black", markersize=14)
-                label += f"\nquery {col + 1}"
+                label += f"\nquery {c + 1}"
             else:
                 label += "\none map for all queries"
             ax.set_title(label, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80, format="png")
     plt.close(fig)

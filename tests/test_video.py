@@ -48,7 +48,7 @@ def test_forward_backward_on_a_small_clip(name):
             torch.nn.init.normal_((m.channel_add_conv[-1] if isinstance(m, ContextBlock) else m.transform).weight, std=0.01)
         elif isinstance(m, NonLocalBlock):
             torch.nn.init.ones_(m.out_bn.weight)
-    clip = torch.randn(2, 3, 4, 32, 32)
+    clip = torch.randn(2, 3, 2, 32, 32)
     logits = model(clip)
     assert logits.shape == (2, 5)
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()

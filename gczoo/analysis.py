@@ -1,11 +1,12 @@
-"""Is a model's context query-independent? GCNet's statistical analysis (Cao et al., section 3.1), for any model.
+"""Is a model's context query-independent? GCNet's statistical analysis of NL networks (Cao et al.), for any model.
 
 GCNet starts from one observation: in trained non-local (NL) networks the attention maps of
 different query positions are almost the same (mean cosine distance 0.004 on ImageNet, 0.020
 on COCO, 0.115 on Kinetics; 0.383 on Cityscapes, the exception). :func:`query_independence`
 measures it on any model that holds the zoo's :class:`~gczoo.blocks.NonLocalBlock`,
-:class:`~gczoo.blocks.SimplifiedNonLocalBlock` or :class:`~gczoo.blocks.ContextBlock` (found by
-type, so classifiers, detection backbones, video models and users' own models alike): for each
+:class:`~gczoo.blocks.SimplifiedNonLocalBlock` or :class:`~gczoo.blocks.ContextBlock` (or timm's
+``GlobalContext``, the GC layer of the zoo's timm family), found by type, so classifiers, detection
+backbones, video models and users' own models alike: for each
 block, the mean cosine distance ``1 - cos`` over all pairs of distinct positions of one image of
 
 * ``input``: the block's input features ``x_i``;
@@ -24,6 +25,7 @@ last layer is still zero-initialised). Per image, then averaged over images (NaN
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.layers import GlobalContext
 from torch import nn
 
 from .blocks import ContextBlock, NonLocalBlock, SimplifiedNonLocalBlock
@@ -39,8 +42,8 @@ from .blocks import ContextBlock, NonLocalBlock, SimplifiedNonLocalBlock
 __all__ = ["BLOCK_TYPES", "BlockDistances", "query_independence", "mean_cosine_distance", "block_inputs",
            "attention_maps", "markdown_table", "plot_attention_maps"]
 
-#: Blocks whose context the analysis measures.
-BLOCK_TYPES = (NonLocalBlock, SimplifiedNonLocalBlock, ContextBlock)
+#: Blocks whose context the analysis measures (timm's GlobalContext: the GC layer of the zoo's timm family).
+BLOCK_TYPES = (NonLocalBlock, SimplifiedNonLocalBlock, ContextBlock, GlobalContext)
 
 _ONE_MAP = "one attention map for every query, by construction (GCNet eq. 3)"
 #: Attention rows computed at once: chunk x positions floats.
@@ -102,7 +105,7 @@ class BlockDistances:
 
 
 def _kind(block: nn.Module) -> str:
-    return next(k for t, k in zip(BLOCK_TYPES, ("nl", "snl", "gc")) if isinstance(block, t))
+    return next(k for t, k in zip(BLOCK_TYPES, ("nl", "snl", "gc", "gc")) if isinstance(block, t))
 
 
 @contextlib.contextmanager
@@ -213,7 +216,7 @@ def attention_maps(block: nn.Module, x: torch.Tensor, queries: Optional[torch.Te
             query = query if queries is None else query[queries]
             return torch.softmax(query @ key, dim=-1)
         flat = x.flatten(2)[0].float()  # (C, Np)
-        mask = block.conv_mask
+        mask = block.conv_attn if isinstance(block, GlobalContext) else block.conv_mask
         if mask is None:
             return torch.full((1, flat.shape[1]), 1.0 / flat.shape[1])
         logits = mask.weight.reshape(1, -1).float() @ flat + (0 if mask.bias is None else mask.bias.float())
@@ -243,6 +246,8 @@ def _distances(block: nn.Module, x: torch.Tensor) -> Dict[str, float]:
                 c = context.shape[1]
                 delta = torch.nn.functional.linear(context, block.transform.weight.reshape(c, c), block.transform.bias)
                 delta = delta.reshape(1, c, 1).expand(1, c, x.flatten(2).shape[2])
+            elif isinstance(block, GlobalContext):  # timm's layer returns the fused x: subtract x in float64
+                delta = copy.deepcopy(block).double()(x.double()) - x.double()
             else:
                 scale, shift = block.fusion_terms(block.context(x))
                 flat = x.flatten(2)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from timm.layers import GlobalContext
 from torch import nn
 
 import gczoo
@@ -110,6 +111,13 @@ def test_every_model_family():
         model = gczoo.create_model(name).train()
         (r,) = query_independence(model, image[None])
         assert r.kind == kind and r.name == "layer3.5.pre_block" and model.training
+    # timm's own GC models (timm's GlobalContext layer, "add" fusion: one vector added to every position)
+    timm_gc = gczoo.create_model("gcresnext26ts")
+    for m in timm_gc.modules():
+        if isinstance(m, GlobalContext):
+            nn.init.normal_(m.mlp_add.fc2.weight, std=0.1)  # zero-initialised: make the layer add something
+    results = query_independence(timm_gc, image[None])
+    assert len(results) == 8 and all(r.kind == "gc" and r.attention == 0 and r.output < 1e-20 for r in results)
     # detection backbone (Mask R-CNN's GC-ResNet + FPN)
     detector = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16")
     results = query_independence(detector.backbone, image[None])

@@ -148,17 +148,16 @@ def _default_forward(model: nn.Module, image: torch.Tensor) -> Any:
     return model([image]) if isinstance(model, GeneralizedRCNN) else model(image.unsqueeze(0))
 
 
-def block_inputs(model: nn.Module, image: torch.Tensor, forward: Optional[Callable] = None
-                 ) -> Tuple[Dict[str, Tuple[nn.Module, torch.Tensor]], Optional[torch.Tensor]]:
-    """Run ``model`` on one image (eval mode, no grad) and return ``({name: (block, input)}, network input)``.
+def _capture(model: nn.Module, image: torch.Tensor, forward: Optional[Callable] = None
+             ) -> Tuple[Dict[str, Tuple[nn.Module, List[torch.Tensor]]], Optional[torch.Tensor]]:
+    """Run ``model`` on one image (eval mode, no grad): ``({name: (block, inputs of each call)}, network input)``.
 
-    The network input is what the model's first convolution saw (after its own resizing,
-    normalisation and padding), for drawing maps over it. Raises if a block did not run, or ran twice.
+    Blocks that did not run are left out; a block runs more than once e.g. in sliding-window inference.
     """
     found = _find_blocks(model)
     if not found:
         raise ValueError(f"{type(model).__name__} holds no NonLocalBlock, SimplifiedNonLocalBlock or ContextBlock "
-                         f"of gczoo.blocks: there is nothing to analyse")
+                         f"of gczoo.blocks (nor timm's GlobalContext): there is nothing to analyse")
     seen: Dict[str, List[torch.Tensor]] = {name: [] for name, *_ in found}
     first_conv: List[torch.Tensor] = []
     handles = []
@@ -177,12 +176,23 @@ def block_inputs(model: nn.Module, image: torch.Tensor, forward: Optional[Callab
     finally:
         for h in handles:
             h.remove()
-    for name, inputs in seen.items():
-        if len(inputs) != 1:
-            raise RuntimeError(f"block {name} ran {len(inputs)} times in one forward pass (expected once); "
-                               f"query_independence analyses blocks that run once per image")
+    if not any(seen.values()):
+        raise RuntimeError(f"none of the {len(found)} blocks of {type(model).__name__} ran in its forward pass")
     blocks = {name: block for name, block, *_ in found}
-    return {name: (blocks[name], inputs[0]) for name, inputs in seen.items()}, (first_conv[0] if first_conv else None)
+    return ({name: (blocks[name], inputs) for name, inputs in seen.items() if inputs},
+            first_conv[0] if first_conv else None)
+
+
+def block_inputs(model: nn.Module, image: torch.Tensor, forward: Optional[Callable] = None
+                 ) -> Tuple[Dict[str, Tuple[nn.Module, torch.Tensor]], Optional[torch.Tensor]]:
+    """Run ``model`` on one image (eval mode, no grad) and return ``({name: (block, input)}, network input)``.
+
+    ``input`` is the block's input on its first call. The network input is what the model's
+    first convolution saw (after the model's own resizing, normalisation and padding), for
+    drawing maps over it.
+    """
+    captured, network_input = _capture(model, image, forward)
+    return {name: (block, inputs[0]) for name, (block, inputs) in captured.items()}, network_input
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
@@ -193,8 +203,11 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
 
 
 def _nl_projections(block: NonLocalBlock, x: torch.Tensor):
+    """``(x as 4-D, query, key, value)``; the query carries the block's optional ``1/sqrt(C')`` logit scale."""
     x4 = x.flatten(3).float()
     query = block.theta(x4).flatten(2)[0].t()  # (Np, C')
+    if getattr(block, "scale", False):  # scaled dot product (mmcv's NonLocal2d use_scale)
+        query = query / query.shape[-1] ** 0.5
     key = block.phi(x4).flatten(2)[0]  # (C', Np)
     value = block.g(x4).flatten(2)[0].t()  # (Np, C')
     return x4, query, key, value
@@ -287,7 +300,8 @@ def query_independence(model: nn.Module, images: Union[torch.Tensor, Iterable[to
         forward: ``forward(model, image)`` to run the model some other way.
         progress: wraps the image iterator (e.g. ``tqdm``).
 
-    Returns one :class:`BlockDistances` per block, in module order.
+    Returns one :class:`BlockDistances` per block that ran, in module order. A block that runs
+    several times per image (e.g. sliding-window inference) gives the mean over its calls.
     """
     return _query_independence(model, images, per_image, forward, progress)[0]
 
@@ -301,13 +315,14 @@ def _query_independence(model, images, per_image=False, forward=None, progress=N
     meta: Dict[str, Tuple[nn.Module, int, int]] = {}
     first = None
     for image in (progress(images) if progress else images):
-        captured, network_input = block_inputs(model, image, forward)
+        captured, network_input = _capture(model, image, forward)
         with _eval_mode(model):
-            for name, (block, x) in captured.items():
-                rows.setdefault(name, []).append(_distances(block, x))
-                meta[name] = (block, x.shape[1], x.flatten(2).shape[2])
+            for name, (block, inputs) in captured.items():  # several calls (sliding windows): their mean
+                calls = [_distances(block, x) for x in inputs]
+                rows.setdefault(name, []).append({k: _nanmean([c[k] for c in calls]) for k in calls[0]})
+                meta[name] = (block, inputs[-1].shape[1], inputs[-1].flatten(2).shape[2])
         if keep_first and first is None:
-            first = (captured, network_input)
+            first = ({name: (block, inputs[0]) for name, (block, inputs) in captured.items()}, network_input)
     results = []
     for name, per in rows.items():
         block, channels, positions = meta[name]

@@ -94,6 +94,20 @@ def test_known_answers():
     assert mean_cosine_distance(torch.ones(5, 3) * torch.tensor([[1.0, 2.0, 3.0]])) < 1e-20
     assert math.isnan(mean_cosine_distance(torch.zeros(4, 3)))
     assert mean_cosine_distance(torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])) == pytest.approx(1.0)
+    # a block run on two windows of each image (sliding-window inference): the mean over its calls
+    class TwoWindows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = _activate(NonLocalBlock(16))
+
+        def forward(self, x):
+            return [self.block(x[..., :4]), self.block(x[..., 4:])]
+
+    model = TwoWindows()
+    r = query_independence(model, x)[0]
+    windows = [query_independence(model.block, x[..., :4])[0], query_independence(model.block, x[..., 4:])[0]]
+    for key in ("input", "attention", "output"):
+        assert getattr(r, key) == pytest.approx(sum(getattr(w, key) for w in windows) / 2)
     with pytest.raises(ValueError, match="nothing to analyse"):
         query_independence(nn.Conv2d(3, 3, 1), torch.rand(1, 3, 4, 4))
 

@@ -355,6 +355,17 @@ def markdown_table(results: Sequence[BlockDistances], title: str) -> str:
     return "\n".join(lines)
 
 
+def _nan_to_none(value: Any) -> Any:
+    """NaN -> None in nested dicts and lists (strict JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def _require_matplotlib():
     try:
         import matplotlib
@@ -516,15 +527,16 @@ def analyze_command(name: str, images: Sequence[Union[str, Path]], out: Union[st
     written = {"markdown": out / "query_independence.md", "json": out / "query_independence.json",
                "figure": out / "attention_maps.png"}
     note = (f"{weights_note}. Mean cosine distance (1 - cos) over all pairs of distinct positions, averaged over "
-            f"{len(paths)} image(s){' (static 8-frame clips)' if family == 'slowonly' else ''}; "
+            f"{len(paths)} image(s){' (static 8-frame clips)' if family == 'slowonly' else ''}; n/a (null in the "
+            f"JSON): no direction to compare, the block adds nothing (e.g. a zero-initialised last layer); "
             f"{seconds:.1f} s ({cpu_seconds:.1f} CPU s) for the analysis.")
     text = f"# Query independence of {name}\n\n{markdown_table(results, name)}\n\n{note}\n"
     with atomic_path(written["markdown"]) as tmp:
         tmp.write_text(text, encoding="utf-8")
     report = {"model": name, "weights": weights_note, "images": [str(p) for p in paths], "seconds": seconds,
-              "cpu_seconds": cpu_seconds, "blocks": [dataclasses.asdict(r) for r in results]}
+              "cpu_seconds": cpu_seconds, "blocks": [_nan_to_none(dataclasses.asdict(r)) for r in results]}
     with atomic_path(written["json"]) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8")
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     with atomic_path(written["figure"]) as tmp:
         plot_attention_maps(captured, network_input, tmp, queries=queries, title=f"{name}: {paths[0].name}")
     print(text)

@@ -452,28 +452,37 @@ VIDEO_FRAMES = 8
 
 
 def _load_model(name: str, checkpoint: Optional[Union[str, Path]]) -> Tuple[nn.Module, str]:
-    """The model of ``NAME[.TAG]`` with weights from ``checkpoint`` (zoo layout), the tag, or random init; and a note."""
+    """The model of ``NAME[.TAG]`` and a note on its weights.
+
+    ``checkpoint``: a state dict in the zoo's layout, or else in the layout of the model's weights
+    tag (e.g. a file from ``gczoo download``), converted and checked by that tag's converter.
+    Without it: the tag's (or the default tag's) weights, or random initialisation when the zoo has none.
+    """
     from .registry import create_model, model_entry, split_name
     from .weights import load_checkpoint
 
     arch, tag = split_name(name)
     entry = model_entry(arch)
+    tag = tag or entry["default_tag"]
     if checkpoint is not None:
-        model = create_model(arch)
         state = load_checkpoint(checkpoint, f"{arch} checkpoint")
-        missing, unexpected = [], []
-        try:
-            result = model.load_state_dict(state, strict=False)
-            missing, unexpected = result.missing_keys, result.unexpected_keys
-        except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"{checkpoint} does not fit {arch}: {str(err).splitlines()[-1].strip()}") from err
-        if missing or unexpected:
-            raise ValueError(f"{checkpoint} does not fit {arch} (a state dict in the zoo's layout is expected): "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        return model, f"weights: {Path(checkpoint).name}"
-    if tag or entry["default_tag"]:
-        model = create_model(name, pretrained=True)
-        return model, f"weights: {arch}.{tag or entry['default_tag']}"
+        model = create_model(arch)
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        note = f"weights: {Path(checkpoint).name}"
+        if not (missing or unexpected or reshaped):
+            model.load_state_dict(state)
+            return model, note
+        if tag:  # the upstream layout of the tag's weights, through its converter (keys and shapes checked)
+            model = create_model(f"{arch}.{tag}", pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(checkpoint), state_dict=state))
+            return model, f"{note} (converted as {arch}.{tag})"
+        raise ValueError(f"{checkpoint} does not fit {arch} (a state dict in the zoo's layout is expected): "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}")
+    if tag:
+        return create_model(f"{arch}.{tag}", pretrained=True), f"weights: {arch}.{tag}"
     return create_model(arch), ("weights: none (random initialisation: the zoo has no weights for this model; "
                                 "pass --checkpoint FILE to analyse trained ones)")
 

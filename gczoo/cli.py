@@ -239,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="NAME or NAME.TAG (weights: the tag, --checkpoint, else random initialisation)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--out", type=Path, required=True, help="folder for the table (.md, .json) and figure (.png)")
-    p.add_argument("--checkpoint", type=Path, help="state dict of the model in the zoo's layout (.safetensors or .pth)")
+    p.add_argument("--checkpoint", type=Path, help="weights file (.safetensors or .pth): the zoo's layout, or the "
+                   "upstream layout of the model's weights tag (converted)")
     p.set_defaults(func=_analyze)
     return parser
 

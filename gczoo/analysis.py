@@ -75,7 +75,7 @@ class _Dispersion:
         self.count = total
 
     def distance(self) -> float:
-        """Mean ``1 - cos`` over ordered pairs of distinct (nonzero) vectors: ``N / (N (N - 1)) * sum |u_i - mean|^2``."""
+        """Mean ``1 - cos`` over ordered pairs of distinct (nonzero) vectors: ``sum_i |u_i - mean|^2 / (N - 1)``."""
         return self.m2 / (self.count - 1) if self.count >= 2 else math.nan
 
 
@@ -385,7 +385,7 @@ def _display(picture: torch.Tensor) -> torch.Tensor:
     return ((p - low) / (high - low).clamp_min(1e-12)).permute(1, 2, 0)
 
 
-def _panels(block: nn.Module, x: torch.Tensor, queries: int) -> List[Tuple[torch.Tensor, Optional[Tuple[int, int]], Tuple[int, int]]]:
+def _panels(block: nn.Module, x: torch.Tensor, queries: int) -> List[Tuple[torch.Tensor, Optional[tuple], tuple]]:
     """``(map of the middle frame, query (row, col) or None, grid (h, w))`` per panel of one block."""
     t, h, w = tuple(x.shape[2:]) if x.dim() == 5 else (1, *x.shape[2:])
     frame = t // 2

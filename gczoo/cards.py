@@ -108,5 +108,6 @@ def model_table() -> str:
         for tag, entry in model["weights"].items():
             default = " (default)" if tag == model["default_tag"] else ""
             rows.append(f"| `{arch}` | `{tag}`{default} | {params} | {_table_cell(entry['metrics'], 'imagenet-1k')} | "
-                        f"{_table_cell(entry['metrics'], 'coco-2017-val')} | {_table_cell(entry['metrics'], 'kinetics-400')} |")
+                        f"{_table_cell(entry['metrics'], 'coco-2017-val')} | "
+                        f"{_table_cell(entry['metrics'], 'kinetics-400')} |")
     return "\n".join([TABLE_START, *rows, TABLE_END])

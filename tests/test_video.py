@@ -39,7 +39,8 @@ def test_the_five_kinetics_rows_have_the_papers_parameter_counts():
         nl5 = gczoo.create_model("slowonly_resnet50_nl5")
         gc_all = gczoo.create_model("slowonly_resnet50_gc_all")
     assert [n for n, m in nl5.named_modules() if isinstance(m, NonLocalBlock)] == [
-        "layer2.1.post_block", "layer2.3.post_block", "layer3.1.post_block", "layer3.3.post_block", "layer3.5.post_block"]
+        "layer2.1.post_block", "layer2.3.post_block",
+        "layer3.1.post_block", "layer3.3.post_block", "layer3.5.post_block"]
     assert _kinds(gc_all) == ["ContextBlock"] * 13 and all(m.ratio == 0.25 for m in gc_all.modules()
                                                           if isinstance(m, ContextBlock))
     with pytest.raises(gczoo.registry.UnknownModelError, match="no pretrained weights"):
@@ -52,7 +53,8 @@ def test_forward_backward_on_a_small_clip(name):
     model = gczoo.create_model(name, num_classes=5).train()
     for m in model.modules():  # blocks start as the identity; make them act so that gradients reach all of them
         if isinstance(m, (ContextBlock, SimplifiedNonLocalBlock)):
-            torch.nn.init.normal_((m.channel_add_conv[-1] if isinstance(m, ContextBlock) else m.transform).weight, std=0.01)
+            last = m.channel_add_conv[-1] if isinstance(m, ContextBlock) else m.transform
+            torch.nn.init.normal_(last.weight, std=0.01)
         elif isinstance(m, NonLocalBlock):
             torch.nn.init.ones_(m.out_bn.weight)
     clip = torch.randn(2, 3, 2, 32, 32)

@@ -113,8 +113,9 @@ class SlowOnlyResNet(nn.Module):
             for j in range(depth):
                 downsample = None
                 if j == 0:
-                    downsample = nn.Sequential(nn.Conv3d(inplanes, outplanes, 1, stride=(1, stride, stride), bias=False),
-                                               nn.BatchNorm3d(outplanes))
+                    downsample = nn.Sequential(
+                        nn.Conv3d(inplanes, outplanes, 1, stride=(1, stride, stride), bias=False),
+                        nn.BatchNorm3d(outplanes))
                 gc = ContextBlock(outplanes, ratio=gc_ratio) if stage in gc_stages else None
                 post = None
                 if stage in extra and j % 2 == 1:

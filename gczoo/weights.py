@@ -75,6 +75,8 @@ __all__ = [
     "sha256_of",
     "pin",
     "export",
+    "verify_file",
+    "offline",
 ]
 
 _CHUNK = 1 << 20  # hashing block
@@ -94,7 +96,19 @@ class WeightsError(RuntimeError):
 
 
 class WeightsUnavailableError(WeightsError):
-    """No source could deliver the file: unreachable, missing, or offline with nothing cached."""
+    """No source could deliver the file: unreachable, missing, or offline with nothing cached.
+
+    Its message advises the Python API; ``label`` (``arch.tag``) and ``tried`` (one line per
+    source: where, and why it failed) let a command line give advice in its own terms.
+    """
+
+    def __init__(self, message: str, *, label: str = "", tried: tuple = ()):
+        super().__init__(message)
+        self.label, self.tried = label, tuple(tried)
+
+    def summary(self) -> str:
+        """The message without advice: which weights, each source tried and why it failed."""
+        return f"cannot obtain weights {self.label}; sources tried:\n" + "\n".join(f"  - {t}" for t in self.tried)
 
 
 class WeightsIntegrityError(WeightsError):
@@ -133,7 +147,7 @@ def fetch(model_name: str, tag: str, entry: dict, *, progress: bool = True) -> P
             return _fetch_source(source, label, progress)
         except _Unavailable as err:
             failures.append(f"{_describe(source)}: {err}")
-    raise WeightsUnavailableError(_unavailable_message(label, failures))
+    raise WeightsUnavailableError(_unavailable_message(label, failures), label=label, tried=failures)
 
 
 def pin(model_name: str, tag: str, entry: dict) -> list[str]:
@@ -150,8 +164,9 @@ def pin(model_name: str, tag: str, entry: dict) -> list[str]:
         try:
             path = _fetch_source(source, label, progress=True)
         except _Unavailable as err:
+            failures = [f"{_describe(source)}: {err}"]
             raise WeightsUnavailableError(
-                _unavailable_message(label, [f"{_describe(source)}: {err}"])
+                _unavailable_message(label, failures), label=label, tried=failures
             ) from err
         with safe_open(path, framework="pt") as f:
             recorded = (f.metadata() or {}).get(_META_SHA256)
@@ -174,6 +189,62 @@ def export(
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
     return dest
+
+
+def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike) -> str:
+    """Check a local copy of the weights ``model_name.tag`` against the manifest; say how it matched.
+
+    For machines without network: the file is accepted when its sha256 is pinned by one of the
+    tag's sources, when it is a URL source's upstream file (its sha256 starts with the hash prefix
+    of the upstream file name, e.g. torchvision's ``resnet50-0676ba61.pth``), or when it is a
+    safetensors file gczoo converted from such a pickle (what ``gczoo download --to`` copies for
+    those sources): then the upstream sha256 recorded in its metadata at conversion is checked,
+    and the answer says so. Otherwise :class:`WeightsIntegrityError`, or :class:`WeightsError`
+    when a source the file may come from has no hash in the manifest (a hub file not yet pinned).
+    """
+    label, src = f"{model_name}.{tag}", Path(path)
+    if not src.is_file():
+        raise WeightsError(f"{label}: no weights file at {src}")
+    actual, recorded = sha256_of(src), None
+    if src.suffix == ".safetensors":
+        try:
+            with safe_open(src, framework="pt") as f:
+                recorded = (f.metadata() or {}).get(_META_SHA256)
+        except Exception as err:  # safetensors raises its own SafetensorError for bad headers
+            raise WeightsError(f"{label}: cannot read {src} as safetensors ({_reason(err)})") from err
+    expected, unpinned = [], []
+    for source in entry["sources"]:
+        pinned, prefix = source.get("sha256"), source.get("sha256_prefix")
+        where = _describe(source)
+        if pinned and pinned in (actual, recorded):
+            how = "" if pinned == actual else ", recorded when gczoo converted the upstream pickle"
+            return f"sha256 {pinned} pinned in the manifest for {where}{how}"
+        if not pinned and prefix and actual.startswith(prefix):
+            return f"sha256 {actual} starts with {prefix}, the hash prefix of {where}"
+        if not pinned and prefix and recorded and recorded.startswith(prefix):
+            return (f"converted by gczoo from {where}: the upstream sha256 {recorded} recorded in the "
+                    f"file starts with the manifest's prefix {prefix}")
+        if pinned or prefix:
+            expected.append(f"{'sha256 ' + pinned if pinned else 'sha256 prefix ' + prefix} ({where})")
+        else:
+            unpinned.append(where)
+    if unpinned:
+        raise WeightsError(
+            f"{label}: cannot verify {src} (sha256 {actual}) offline: the manifest pins no sha256 for "
+            f"{'; '.join(unpinned)}, and the file matches none of the hashes it does hold"
+            + (f" ({'; '.join(expected)})" if expected else "")
+            + ". Use the upstream file whose hash the manifest holds, or have a maintainer pin the hub "
+            "file (`gczoo pin`)."
+        )
+    raise WeightsIntegrityError(
+        f"{label}: {src} (sha256 {actual}) is not the file the manifest names: expected "
+        f"{'; '.join(expected)}. It is another file, or a corrupted or tampered copy."
+    )
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``GCZOO_OFFLINE`` forbids network access (read now)."""
+    return _offline()
 
 
 # --------------------------------------------------------------------------- sources

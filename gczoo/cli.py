@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -79,11 +80,12 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from . import weights
     from .registry import check_name, weights_entry
 
     arch, _ = check_name(args.name)
     tag, entry = weights_entry(args.name)
+    from . import weights
+
     path = weights.export(arch, tag, entry, args.to) if args.to else weights.fetch(arch, tag, entry)
     print(path)
     try:
@@ -194,9 +196,9 @@ def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) ->
     with torch.no_grad():
         det = model([picture.float() / 255])[0]
     keep = det["scores"] >= args.score_threshold
-    categories = model.meta.get("categories") or {}
-    names = [f"{categories.get(int(label), int(label))} {score:.2f}"
-             for label, score in zip(det["labels"][keep], det["scores"][keep])]
+    categories = model.meta.get("categories") or []  # indexed by label (COCO category id)
+    names = [f"{categories[label] if label < len(categories) else label} {score:.2f}"
+             for label, score in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
     print(f"forward pass: image {tuple(picture.shape)} -> {len(det['scores'])} detections, "
           f"{int(keep.sum())} with score >= {args.score_threshold}"
           + ("" if loaded else " (random weights: these detections mean nothing)"))
@@ -213,12 +215,25 @@ def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) ->
     return 0
 
 
-#: family -> its demo, ``(model, name, loaded, args) -> exit code``, showing the family's natural
-#: output. A new family adds one entry (and, if it needs one, a flag in ``_parser``).
-DEMOS: Dict[str, Callable[..., int]] = {
-    "gc_resnet": _demo_classifier,
-    "timm": _demo_classifier,
-    "maskrcnn": _demo_detection,
+def _detection_kwargs(args: argparse.Namespace) -> dict:
+    """``--min-size``: the shorter image side, the longer one capped in mmdetection's 800:1333 ratio."""
+    return {} if args.min_size is None else dict(min_size=args.min_size, max_size=round(args.min_size * 1333 / 800))
+
+
+@dataclass(frozen=True)
+class Demo:
+    """How the demo shows one family: ``run(model, name, loaded, args) -> exit code`` prints (and saves)
+    the family's natural output; ``model_kwargs(args)`` are builder arguments taken from its flags."""
+
+    run: Callable[..., int]
+    model_kwargs: Callable[[argparse.Namespace], dict] = lambda args: {}
+
+
+#: family -> its demo. A new family adds one entry (and, if it needs them, its flags in ``_parser``).
+DEMOS: Dict[str, Demo] = {
+    "gc_resnet": Demo(_demo_classifier),
+    "timm": Demo(_demo_classifier),
+    "maskrcnn": Demo(_demo_detection, _detection_kwargs),
 }
 
 
@@ -229,13 +244,16 @@ def _unavailable_advice(err, name: str, command: str) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     """The newcomer's first look: the zoo's models, and one model's natural output, with its weights if any."""
-    from . import weights
     from .registry import check_name, create_model, list_models, model_entry
 
     arch, tag = check_name(args.model)
     family = model_entry(arch)["family"]
     if family not in DEMOS:
         raise ValueError(f"no demo for {arch} (family {family!r}) yet; the demo covers {', '.join(sorted(DEMOS))}")
+    from . import weights
+
+    demo = DEMOS[family]
+    kwargs = demo.model_kwargs(args)
     print("gczoo models (`gczoo list --pretrained` for weights tags, `gczoo info NAME` for a card):")
     print("  " + "\n  ".join(list_models()))
     loaded = False
@@ -243,7 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
         if args.weights_file:
             raise ValueError(f"{arch} has no weights in the zoo, so --weights-file cannot be checked against it")
         print(f"\n== {arch}: no weights in the zoo, so this run uses random initialisation")
-        model = create_model(arch)
+        model = create_model(arch, **kwargs)
     else:
         tag = tag or model_entry(arch)["default_tag"]
         name = f"{arch}.{tag}"
@@ -251,18 +269,19 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"\n== {name}: checking {args.weights_file} against the manifest")
             entry = model_entry(arch)["weights"][tag]
             print(f"verified: {weights.verify_file(arch, tag, entry, args.weights_file)}")
-            model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(args.weights_file)))
+            model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(args.weights_file)),
+                                 **kwargs)
             loaded = True
         else:
             print(f"\n== {name}: downloading and verifying its weights")
             try:
-                model = create_model(name, pretrained=True)
+                model = create_model(name, pretrained=True, **kwargs)
                 loaded = True
             except weights.WeightsUnavailableError as err:
                 print(_unavailable_advice(err, name, "demo"))
                 print("So this run uses random initialisation and verifies nothing.")
-                model = create_model(name)
-    return DEMOS[family](model.eval(), args.model, loaded, args)
+                model = create_model(name, **kwargs)
+    return demo.run(model.eval(), args.model, loaded, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -276,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="PNG", help="detection: where to save the drawing "
                                                            "(default gczoo-demo-NAME.png)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detection: smallest score drawn (default 0.5)")
+    p.add_argument("--min-size", type=int, metavar="PX", help="detection: resize the shorter side to PX instead of "
+                                                            "the model's 800 (a quicker look on a CPU)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("list", help="list model names")
     p.add_argument("pattern", nargs="?", default="*")

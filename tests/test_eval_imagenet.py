@@ -241,3 +241,39 @@ def test_every_published_imagenet_number_is_measured_under_its_own_protocol():
                 resize = protocol.get("resize", int(protocol["input_size"] / protocol["crop_pct"]))
                 assert run.protocol["resize"] == resize and list(crop.size) == [protocol["input_size"]] * 2, name
                 assert run.protocol["interpolation"] == protocol["interpolation"], name
+
+
+def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes_some_synsets(valset, tmp_path, capsys):
+    """`--weights-file` (a copy carried from a machine with network) is checked against the manifest's hash
+    before use and keeps the run's verdict (no `--checkpoint` demotion); `--limit` accepts a few synset folders.
+
+    The manifest holds the hash prefix of torchvision's upstream pickle; a file gczoo converted from it records
+    that pickle's sha256, which is what is checked here (the test writes such a record for its random weights).
+    """
+    from safetensors.torch import load_file
+
+    entry = gczoo.load_manifest()["models"][ARCH]["weights"]["tv_in1k"]
+    prefix = next(s["sha256_prefix"] for s in entry["sources"] if s["type"] == "url")
+    tensors = load_file(valset["checkpoint"])
+    copied = tmp_path / f"{ARCH}.tv_in1k.safetensors"
+    save_file(tensors, str(copied), metadata={"gczoo_source_sha256": prefix + "0" * (64 - len(prefix))})
+    subset = tmp_path / "subset"
+    for folder in sorted(p for p in valset["folders"].iterdir() if any(p.iterdir()))[:3]:
+        (subset / folder.name).mkdir(parents=True)
+        for image in folder.iterdir():
+            (subset / folder.name / image.name).write_bytes(image.read_bytes())
+    flags = ["--img-size", SIZE, "--crop-pct", "1.0", "--workers", "0", "--device", "cpu"]
+    run = _script("--model", ARCH + ".tv_in1k", "--data", subset, "--weights-file", copied, "--limit", 2,
+                  "--json-out", tmp_path / "r.json", *map(str, flags))
+    assert run.returncode == 0, run.stderr
+    assert f"{copied} verified: converted by gczoo from url" in run.stderr and f"starts with the manifest's prefix {prefix}" in run.stderr
+    assert "has 3 of the 1000 synset folders; a --limit run takes them" in run.stderr
+    rec = _report(tmp_path / "r.json")
+    assert rec["tag"] == "tv_in1k" and not rec["checkpoint"] and rec["samples"] == 2 and "(--limit)" in rec["note"]
+
+    unverifiable = tmp_path / "other.safetensors"
+    save_file(tensors, str(unverifiable))  # the same tensors, but nothing ties the file to the manifest
+    assert _exit_code("--model", ARCH + ".tv_in1k", "--data", subset, "--limit", 2, "--weights-file", unverifiable,
+                      *flags) == 2
+    err = capsys.readouterr().err
+    assert "cannot verify" in err and "pins no sha256" in err and prefix in err and "Traceback" not in err

@@ -1,0 +1,80 @@
+"""The command line as a newcomer meets it: each command run as a user runs it (a subprocess, its exit code
+and first lines), offline, with random weights where the zoo has none."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, env=None, timeout=300):
+    run_env = dict(os.environ, OMP_NUM_THREADS="2", **(env or {}))
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=run_env,
+                          timeout=timeout)
+
+
+def test_names_and_cards_answer_without_torch_and_every_command_refuses_an_unknown_tag_alike():
+    script = textwrap.dedent("""
+        import sys
+        from gczoo.cli import main
+        for argv in (["list", "*_c4"], ["info", "resnet50_nl_c4"], ["info", "resnet50_gc_r16.foo"],
+                     ["download", "resnet50_gc_r16.foo"], ["demo", "--model", "resnet50_gc_r16.foo"]):
+            print("exit", main(argv), flush=True)
+        print("torch imported:", "torch" in sys.modules, "timm imported:", "timm" in sys.modules)
+        import gczoo, timm  # import gczoo still registers the zoo with timm, once timm is loaded
+        print("registered:", timm.is_model("resnet50_gc_r16"))
+    """)
+    out = _run("-c", script)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:4] == ["resnet50_gc_r16_c4", "resnet50_nl_c4", "resnet50_snl_c4", "exit 0"]
+    assert "resnet50_nl_c4" == lines[4] and any(l.startswith("parameters: published 27.66M") for l in lines)
+    assert [l for l in lines if l.startswith("exit")] == ["exit 0", "exit 0", "exit 2", "exit 2", "exit 2"]
+    assert "torch imported: False timm imported: False" in lines and lines[-1] == "registered: True"
+    errors = out.stderr.splitlines()
+    assert [e.split(":")[0] for e in errors] == ["gczoo info", "gczoo download", "gczoo demo"]
+    assert all("Unknown weights tag 'foo' for resnet50_gc_r16; its tags are: tv_in1k, tv2_in1k." in e for e in errors)
+    help_ = _run("-m", "gczoo.cli", "--help")
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: gczoo")
+
+
+def test_offline_download_advice_fits_the_command_line():
+    out = _run("-m", "gczoo.cli", "download", "resnet101_gc_r16.tv2_in1k", env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and out.stderr.startswith("gczoo download: cannot obtain weights resnet101_gc_r16.tv2_in1k")
+    assert "unset HF_HUB_OFFLINE" in out.stderr
+    assert "gczoo download" not in out.stderr.split(":", 1)[1] and "pretrained_cfg_overlay" not in out.stderr
+
+
+def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
+    """A classifier without weights in the zoo (top-5, exit 0), and a detection model whose weights cannot be
+    fetched offline (detections drawn on the picture, saved as PNG, with the command line's advice)."""
+    nl = _run("-m", "gczoo.cli", "demo", "--model", "resnet50_nl_c4")
+    assert nl.returncode == 0, nl.stderr
+    assert "== resnet50_nl_c4: no weights in the zoo, so this run uses random initialisation" in nl.stdout
+    top = nl.stdout.split("top-5 ImageNet classes (random weights: these classes mean nothing):\n", 1)[1].splitlines()
+    probs = [float(line.split()[0]) for line in top]
+    assert len(top) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
+
+    png = tmp_path / "detections.png"
+    det = _run("-m", "gczoo.cli", "demo", "--model", "maskrcnn_resnet50_fpn", "--out", png, "--min-size", 160,
+               env={"HF_HUB_OFFLINE": "1"})
+    assert det.returncode == 0, det.stderr
+    assert "cannot obtain weights maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco" in det.stdout
+    assert "--weights-file DIR/maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco.safetensors" in det.stdout
+    assert "pretrained_cfg_overlay" not in det.stdout and "(random weights: these detections mean nothing)" in det.stdout
+    assert f"wrote {png}" in det.stdout
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (400, 300)
+
+
+def test_eval_script_without_its_extra_names_the_install_line_and_exits_2():
+    script = ("import runpy, sys; sys.modules['pycocotools'] = None; sys.argv = ['eval/coco.py', '--help']; "
+              "runpy.run_path('eval/coco.py', run_name='__main__')")
+    out = _run("-c", script)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "error: coco.py needs the 'coco' extra (pycocotools is not installed): " \
+                         "pip install -e '.[coco]' in the clone\n"

@@ -263,8 +263,8 @@ def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes
         for image in folder.iterdir():
             (subset / folder.name / image.name).write_bytes(image.read_bytes())
     flags = ["--img-size", SIZE, "--crop-pct", "1.0", "--workers", "0", "--device", "cpu"]
-    run = _script("--model", ARCH + ".tv_in1k", "--data", subset, "--weights-file", copied, "--limit", 2,
-                  "--json-out", tmp_path / "r.json", *map(str, flags))
+    run = _script(*map(str, ["--model", ARCH + ".tv_in1k", "--data", subset, "--weights-file", copied, "--limit", 2,
+                             "--json-out", tmp_path / "r.json", *flags]))
     assert run.returncode == 0, run.stderr
     assert f"{copied} verified: converted by gczoo from url" in run.stderr and f"starts with the manifest's prefix {prefix}" in run.stderr
     assert "has 3 of the 1000 synset folders; a --limit run takes them" in run.stderr

@@ -37,15 +37,20 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's gczoo and eval.common
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
+from gczoo.fileio import atomic_path
+from gczoo.registry import check_name, model_entry, split_name
+from gczoo.weights import sha256_of
 
-from eval import common  # noqa: E402
+if __package__:  # imported as eval.<script> (the tests)
+    from . import common
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import common
 
 try:
     from pycocotools import mask as mask_util
@@ -53,10 +58,8 @@ try:
     from pycocotools.cocoeval import COCOeval
 except ModuleNotFoundError as _missing:
     sys.exit(common.missing_extra("coco", _missing))
-from eval.common import BadInput  # noqa: E402
-from gczoo.fileio import atomic_path  # noqa: E402
-from gczoo.registry import check_name, model_entry, split_name  # noqa: E402
-from gczoo.weights import sha256_of  # noqa: E402
+
+BadInput = common.BadInput
 
 TASK = "coco-2017-val"
 NUM_VAL_IMAGES = 5000
@@ -281,12 +284,7 @@ def _describe(rec: dict) -> str:
     name = f"{rec['model']}.{rec['tag']}" if rec["tag"] else rec["model"]
     values = ", ".join(f"{k} {rec[k]:.2f}" for k in IOU_TYPES if k in rec)
     lines = [f"{name}: {values} on {rec['samples']} images, {rec['detections']} detections, {rec['device']}"]
-    for c in rec["published"]:
-        lines.append(f"  {c['verdict']}: published " + ", ".join(f"{k} {v}" for k, v in c["values"].items())
-                     + "; delta " + ", ".join(f"{k} {v:+.2f}" for k, v in c["delta"].items()) + f" ({c['source']})")
-    if rec["note"]:
-        lines.append(f"  no verdict: {rec['note']}")
-    return "\n".join(lines)
+    return "\n".join(lines + common.verdict_lines(rec, digits=2))
 
 
 def run(args: argparse.Namespace, dist: common.Distributed) -> int:

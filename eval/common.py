@@ -46,7 +46,7 @@ from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, load_che
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
     "add_common_args", "main", "missing_extra", "error_message", "load_model", "published_metrics", "weights_with_metrics", "compare",
-    "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table",
+    "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table", "verdict_lines",
 ]
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -428,6 +428,19 @@ def write_report(path: Path, records: List[dict], errors: Optional[List[dict]] =
     report = {"verdict": overall, "results": records, "errors": errors or []}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def verdict_lines(rec: dict, digits: int) -> List[str]:
+    """The report lines under a record's measurement: one ``PASS``/``FAIL`` line per published
+    metric (published numbers, delta with ``digits`` decimals, source), and ``no verdict: why``."""
+    lines = []
+    for c in rec["published"]:
+        published = ", ".join(f"{k} {v}" for k, v in c["values"].items())
+        delta = ", ".join(f"{k} {v:+.{digits}f}" for k, v in c["delta"].items())
+        lines.append(f"  {c['verdict']}: published {published}; delta {delta} ({c['source']})")
+    if rec["note"]:
+        lines.append(f"  no verdict: {rec['note']}")
+    return lines
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

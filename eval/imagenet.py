@@ -52,19 +52,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's gczoo and eval.common
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import ImageNetInfo, create_transform, resolve_data_config  # noqa: E402
-from timm.data.readers.img_extensions import get_img_extensions  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
+from gczoo.manifest import ManifestError
+from gczoo.registry import model_entry, split_name
 
-from eval import common  # noqa: E402
-from eval.common import BadInput  # noqa: E402
-from gczoo.manifest import ManifestError  # noqa: E402
-from gczoo.registry import model_entry, split_name  # noqa: E402
+if __package__:  # imported as eval.<script> (the tests)
+    from . import common
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import common
+
+BadInput = common.BadInput
 
 TASK = "imagenet-1k"
 NUM_CLASSES = 1000
@@ -354,12 +357,7 @@ def _describe(rec: dict) -> str:
              f"{rec['images_per_s']:.1f} images/s, {rec['device']}",
              f"  protocol: {p['input_size']} px, resize {p['resize']}, crop_pct {p['crop_pct']}, {p['interpolation']}"
              + (f" (overridden: {rec['override']})" if rec["override"] else "")]
-    for c in rec["published"]:
-        lines.append(f"  {c['verdict']}: published {_numbers(c['values'])}; delta {_numbers(c['delta'], sign=True)}"
-                     f" ({c['source']})")
-    if rec["note"]:
-        lines.append(f"  no verdict: {rec['note']}")
-    return "\n".join(lines)
+    return "\n".join(lines + common.verdict_lines(rec, digits=3))
 
 
 def _summary(records: List[dict], errors: List[dict]) -> str:

@@ -24,11 +24,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import gczoo
+from eval import common, imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from eval import common, imagenet  # noqa: E402
 
 ARCH = "resnet50_gc_r16"
 SIZE = 32

@@ -92,11 +92,14 @@ def _download(args: argparse.Namespace) -> int:
     print(path)
     try:
         how = weights.verify_file(arch, tag, entry, path)
-        print(f"verified: {how}")
-        print(f"on a machine without network: gczoo demo --model {arch}.{tag} --weights-file FILE, or "
-              f"python eval/*.py --model {arch}.{tag} --weights-file FILE ... (FILE: this file, copied there)")
-    except weights.WeightsError as err:  # a hub file not yet pinned in the manifest
-        print(f"note: a machine without network cannot check this file against the manifest: {err}")
+        print(f"verified as a machine without network will check it: {how}")
+        print(f"there: gczoo demo --model {arch}.{tag} --weights-file FILE, or "
+              f"python eval/<task>.py --model {arch}.{tag} --weights-file FILE ... (FILE: this file, copied there)")
+    except weights.WeightsError as err:  # a converted pickle, or a hub file not yet pinned in the manifest
+        upstream = [s["url"] for s in entry["sources"] if s["type"] == "url" and s.get("sha256")]
+        print(f"note: a machine without network cannot check this copy against the manifest ({err})"
+              + (f"\ncarry the upstream file instead, whose full sha256 the manifest pins: {upstream[0]}"
+                 if upstream else ""))
     return 0
 
 

@@ -269,52 +269,49 @@ def export(
 def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike) -> str:
     """Check a local copy of the weights ``model_name.tag`` against the manifest; say how it matched.
 
-    For machines without network: the file is accepted when its sha256 is pinned by one of the
-    tag's sources, when it is a URL source's upstream file (its sha256 starts with the hash prefix
-    of the upstream file name, e.g. torchvision's ``resnet50-0676ba61.pth``), or when it is a
-    safetensors file gczoo converted from such a pickle (what ``gczoo download --to`` copies for
-    those sources): then the upstream sha256 recorded in its metadata at conversion is checked,
-    and the answer says so. Otherwise :class:`WeightsIntegrityError`, or :class:`WeightsError`
-    when a source the file may come from has no hash in the manifest (a hub file not yet pinned).
+    For machines without network (a file carried from elsewhere is as untrusted as a mirror):
+    the file is accepted when its sha256 is pinned by one of the tag's sources -- e.g. the upstream
+    file as served (torchvision's ``resnet50-0676ba61.pth``), or a hub file once pinned. A match
+    on a ``sha256_prefix`` alone (32 bits, forgeable in minutes) is accepted only with the
+    explicit opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1``, as for mirrors (:class:`WeakPinError`).
+    Otherwise :class:`WeightsIntegrityError`, or :class:`WeightsError` naming what the manifest
+    lacks when a source the file may come from has no full hash there.
     """
     label, src = f"{model_name}.{tag}", Path(path)
     if not src.is_file():
         raise WeightsError(f"{label}: no weights file at {src}")
-    actual, recorded = sha256_of(src), None
-    if src.suffix == ".safetensors":
-        try:
-            with safe_open(src, framework="pt") as f:
-                recorded = (f.metadata() or {}).get(_META_SHA256)
-        except Exception as err:  # safetensors raises its own SafetensorError for bad headers
-            raise WeightsError(f"{label}: cannot read {src} as safetensors ({_reason(err)})") from err
-    expected, unpinned = [], []
-    for source in entry["sources"]:
-        pinned, prefix = source.get("sha256"), source.get("sha256_prefix")
-        where = _describe(source)
-        if pinned and pinned in (actual, recorded):
-            how = "" if pinned == actual else ", recorded when gczoo converted the upstream pickle"
-            return f"sha256 {pinned} pinned in the manifest for {where}{how}"
-        if not pinned and prefix and actual.startswith(prefix):
-            return f"sha256 {actual} starts with {prefix}, the hash prefix of {where}"
-        if not pinned and prefix and recorded and recorded.startswith(prefix):
-            return (f"converted by gczoo from {where}: the upstream sha256 {recorded} recorded in the "
-                    f"file starts with the manifest's prefix {prefix}")
-        if pinned or prefix:
-            expected.append(f"{'sha256 ' + pinned if pinned else 'sha256 prefix ' + prefix} ({where})")
-        else:
-            unpinned.append(where)
+    actual = sha256_of(src)
+    pinned = [s for s in entry["sources"] if s.get("sha256")]
+    for source in pinned:
+        if source["sha256"] == actual:
+            return f"sha256 {actual} pinned in the manifest for {_describe(source)}"
+    prefixed = [s for s in entry["sources"] if not s.get("sha256") and s.get("sha256_prefix")]
+    for source in prefixed:
+        if actual.startswith(source["sha256_prefix"]):
+            if not _allow_prefix_only():
+                raise WeakPinError(
+                    f"{label}: {src} matches only the hash prefix {source['sha256_prefix']} of {_describe(source)} "
+                    f"({4 * len(source['sha256_prefix'])} bits, forgeable in minutes); the manifest pins no full "
+                    "sha256 for it. Accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1."
+                )
+            return (f"sha256 {actual} starts with {source['sha256_prefix']}, the hash prefix of {_describe(source)} "
+                    "(prefix only: accepted under GCZOO_ALLOW_PREFIX_ONLY)")
+    expected = "; ".join(f"sha256 {s['sha256']} ({_describe(s)})" for s in pinned) or "no full sha256 at all"
+    unpinned = [_describe(s) for s in entry["sources"] if not s.get("sha256")]
     if unpinned:
         raise WeightsError(
-            f"{label}: cannot verify {src} (sha256 {actual}) offline: the manifest pins no sha256 for "
-            f"{'; '.join(unpinned)}, and the file matches none of the hashes it does hold"
-            + (f" ({'; '.join(expected)})" if expected else "")
-            + ". Use the upstream file whose hash the manifest holds, or have a maintainer pin the hub "
-            "file (`gczoo pin`)."
+            f"{label}: cannot verify {src} (sha256 {actual}) offline: it is none of the files the manifest "
+            f"pins ({expected}), and the manifest has no full sha256 for {'; '.join(unpinned)}. Carry a "
+            "pinned file instead (`gczoo info` lists each source's hash)."
         )
     raise WeightsIntegrityError(
-        f"{label}: {src} (sha256 {actual}) is not the file the manifest names: expected "
-        f"{'; '.join(expected)}. It is another file, or a corrupted or tampered copy."
+        f"{label}: {src} (sha256 {actual}) is not the file the manifest names: expected {expected}. "
+        "It is another file, or a corrupted or tampered copy."
     )
+
+
+def _allow_prefix_only() -> bool:
+    return os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE
 
 
 def offline() -> bool:
@@ -472,7 +469,7 @@ def _check_pin_strength(source: dict, url: str, label: str) -> None:
     if source.get("sha256"):
         return
     mirrored, plain = url != source["url"], urlsplit(url).scheme != "https"
-    if not (mirrored or plain) or os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE:
+    if not (mirrored or plain) or _allow_prefix_only():
         return
     why = "through GCZOO_MIRROR" if mirrored else "over plain http"
     raise WeakPinError(

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file as safetensors_load
 from safetensors.torch import save_file
 
 import gczoo
@@ -256,37 +257,46 @@ def test_every_published_imagenet_number_is_measured_under_its_own_protocol():
                 assert run.protocol["interpolation"] == protocol["interpolation"], name
 
 
-def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes_some_synsets(valset, tmp_path, capsys):
+def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes_some_synsets(
+        valset, tmp_path, capsys, monkeypatch):
     """`--weights-file` (a copy carried from a machine with network) is checked against the manifest's hash
-    before use and keeps the run's verdict (no `--checkpoint` demotion); `--limit` accepts a few synset folders.
+    before use and keeps the run's verdict (no `--checkpoint` demotion); a prefix-only match needs the same
+    opt-in as a mirror; `--limit` accepts a few synset folders.
 
-    The manifest holds the hash prefix of torchvision's upstream pickle; a file gczoo converted from it records
-    that pickle's sha256, which is what is checked here (the test writes such a record for its random weights).
+    The test's random weights stand for the upstream file: a copy of the manifest pins their sha256 on the
+    URL source of resnet50_gc_r16.tv_in1k (the real pin is that of torchvision's resnet50-0676ba61.pth).
     """
-    from safetensors.torch import load_file
-
-    entry = gczoo.load_manifest()["models"][ARCH]["weights"]["tv_in1k"]
-    prefix = next(s["sha256_prefix"] for s in entry["sources"] if s["type"] == "url")
-    tensors = load_file(valset["checkpoint"])
-    copied = tmp_path / f"{ARCH}.tv_in1k.safetensors"
-    save_file(tensors, str(copied), metadata={"gczoo_source_sha256": prefix + "0" * (64 - len(prefix))})
+    digest = hashlib.sha256(valset["checkpoint"].read_bytes()).hexdigest()
+    manifest = json.loads(gczoo.manifest.MANIFEST_PATH.read_text())
+    source = next(s for s in manifest["models"][ARCH]["weights"]["tv_in1k"]["sources"] if s["type"] == "url")
+    source.update(sha256=digest)
+    (tmp_path / "pinned.json").write_text(json.dumps(manifest))
+    source.update(sha256=None, sha256_prefix=digest[:8])
+    (tmp_path / "prefix.json").write_text(json.dumps(manifest))
     subset = tmp_path / "subset"
     for folder in sorted(p for p in valset["folders"].iterdir() if any(p.iterdir()))[:3]:
         (subset / folder.name).mkdir(parents=True)
         for image in folder.iterdir():
             (subset / folder.name / image.name).write_bytes(image.read_bytes())
-    flags = ["--img-size", SIZE, "--crop-pct", "1.0", "--workers", "0", "--device", "cpu"]
-    run = _script(*map(str, ["--model", ARCH + ".tv_in1k", "--data", subset, "--weights-file", copied, "--limit", 2,
-                             "--json-out", tmp_path / "r.json", *flags]))
-    assert run.returncode == 0, run.stderr
-    assert f"{copied} verified: converted by gczoo from url" in run.stderr and f"starts with the manifest's prefix {prefix}" in run.stderr
-    assert "has 3 of the 1000 synset folders; a --limit run takes them" in run.stderr
+    argv = ["--model", ARCH + ".tv_in1k", "--data", subset, "--weights-file", valset["checkpoint"], "--limit", 2,
+            "--img-size", SIZE, "--crop-pct", "1.0", "--workers", "0", "--device", "cpu"]
+
+    monkeypatch.setattr(gczoo.manifest, "MANIFEST_PATH", tmp_path / "pinned.json")
+    assert _exit_code(*argv, "--json-out", tmp_path / "r.json") == 0
+    err = capsys.readouterr().err
+    assert f"{valset['checkpoint']} verified: sha256 {digest} pinned in the manifest for url" in err
+    assert "has 3 of the 1000 synset folders; a --limit run takes them" in err
     rec = _report(tmp_path / "r.json")
     assert rec["tag"] == "tv_in1k" and not rec["checkpoint"] and rec["samples"] == 2 and "(--limit)" in rec["note"]
+    assert rec["weights_sha256"] == digest
 
-    unverifiable = tmp_path / "other.safetensors"
-    save_file(tensors, str(unverifiable))  # the same tensors, but nothing ties the file to the manifest
-    assert _exit_code("--model", ARCH + ".tv_in1k", "--data", subset, "--limit", 2, "--weights-file", unverifiable,
-                      *flags) == 2
+    other = tmp_path / "other.safetensors"  # the same tensors in another file: nothing ties it to the manifest
+    save_file(safetensors_load(valset["checkpoint"]), str(other), metadata={"copied": "yes"})
+    assert _exit_code(*[other if a == valset["checkpoint"] else a for a in argv]) == 2
     err = capsys.readouterr().err
-    assert "cannot verify" in err and "pins no sha256" in err and prefix in err and "Traceback" not in err
+    assert "cannot verify" in err and f"none of the files the manifest pins (sha256 {digest}" in err
+
+    monkeypatch.setattr(gczoo.manifest, "MANIFEST_PATH", tmp_path / "prefix.json")
+    assert _exit_code(*argv) == 2
+    err = capsys.readouterr().err
+    assert f"matches only the hash prefix {digest[:8]}" in err and "GCZOO_ALLOW_PREFIX_ONLY=1" in err

@@ -182,7 +182,6 @@ def _demo_classifier(model, name: str, loaded: bool, args: argparse.Namespace) -
     """Top-5 ImageNet classes; with the GC-ready weights, the check against torchvision's ResNet."""
     import torch
     import torchvision
-    from safetensors.torch import load_file
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
     from torchvision.transforms.functional import to_pil_image
 
@@ -268,8 +267,9 @@ DEMOS: Dict[str, Demo] = {
 
 
 def _unavailable_advice(err, name: str, command: str) -> str:
-    return (f"{err.summary()}\nTo use a copy from a machine with network: run `gczoo download {name} --to DIR` there, "
-            f"copy DIR here and run `gczoo {command} --model {name} --weights-file DIR/{name}.safetensors`.")
+    return (f"{err.summary()}\nWithout network here: carry over a file whose sha256 the manifest pins (`gczoo info "
+            f"{name}` lists each source and its hash; `gczoo download {name} --to DIR` on a machine with network "
+            f"says whether its copy qualifies) and run `gczoo {command} --model {name} --weights-file FILE`.")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
                env={"HF_HUB_OFFLINE": "1"})
     assert det.returncode == 0, det.stderr
     assert "cannot obtain weights maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco" in det.stdout
-    assert "--weights-file DIR/maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco.safetensors" in det.stdout
+    assert "run `gczoo demo --model maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco --weights-file FILE`" in det.stdout
     assert "pretrained_cfg_overlay" not in det.stdout and "(random weights: these detections mean nothing)" in det.stdout
     assert f"wrote {png}" in det.stdout
     with Image.open(png) as image:

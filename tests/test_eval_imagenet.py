@@ -300,3 +300,10 @@ def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes
     assert _exit_code(*argv) == 2
     err = capsys.readouterr().err
     assert f"matches only the hash prefix {digest[:8]}" in err and "GCZOO_ALLOW_PREFIX_ONLY=1" in err
+
+    # offline without the file: the advice is the command line's, not the Python API's
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _exit_code(*argv[:4], *argv[6:]) == 2
+    err = capsys.readouterr().err
+    assert f"\nerror: cannot obtain weights {ARCH}.tv_in1k; sources tried:" in err
+    assert "add --weights-file FILE" in err and "pretrained_cfg_overlay" not in err

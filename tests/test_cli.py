@@ -51,21 +51,25 @@ def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says(
 def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
     """A classifier without weights in the zoo (top-5, exit 0), and a detection model whose weights cannot be
     fetched offline (detections drawn on the picture, saved as PNG, with the command line's advice)."""
-    nl = _run("-m", "gczoo.cli", "demo", "--model", "resnet50_nl_c4")
-    assert nl.returncode == 0, nl.stderr
-    assert "== resnet50_nl_c4: no weights in the zoo, so this run uses random initialisation" in nl.stdout
-    top = nl.stdout.split("top-5 ImageNet classes (random weights: these classes mean nothing):\n", 1)[1].splitlines()
+    png = tmp_path / "detections.png"
+    script = textwrap.dedent(f"""
+        from gczoo.cli import main
+        print("exit", main(["demo", "--model", "resnet50_nl_c4"]), flush=True)
+        print("exit", main(["demo", "--model", "maskrcnn_resnet50_fpn", "--out", {str(png)!r}, "--min-size", "160"]))
+    """)
+    out = _run("-c", script, env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    nl, det = out.stdout.split("exit 0\n")[:2]
+    assert out.stdout.count("exit 0\n") == 2
+    assert "== resnet50_nl_c4: no weights in the zoo, so this run uses random initialisation" in nl
+    top = nl.split("top-5 ImageNet classes (random weights: these classes mean nothing):\n", 1)[1].splitlines()
     probs = [float(line.split()[0]) for line in top]
     assert len(top) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
 
-    png = tmp_path / "detections.png"
-    det = _run("-m", "gczoo.cli", "demo", "--model", "maskrcnn_resnet50_fpn", "--out", png, "--min-size", 160,
-               env={"HF_HUB_OFFLINE": "1"})
-    assert det.returncode == 0, det.stderr
-    assert "cannot obtain weights maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco" in det.stdout
-    assert "run `gczoo demo --model maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco --weights-file FILE`" in det.stdout
-    assert "pretrained_cfg_overlay" not in det.stdout and "(random weights: these detections mean nothing)" in det.stdout
-    assert f"wrote {png}" in det.stdout
+    assert "cannot obtain weights maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco" in det
+    assert "run `gczoo demo --model maskrcnn_resnet50_fpn.mmdet_syncbn_1x_coco --weights-file FILE`" in det
+    assert "pretrained_cfg_overlay" not in det and "(random weights: these detections mean nothing)" in det
+    assert f"wrote {png}" in det
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (400, 300)
 

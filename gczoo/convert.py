@@ -48,8 +48,9 @@ def torchvision_resnet(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
-#: mmdetection 2.x Mask R-CNN key prefixes -> :mod:`gczoo.models.detection` (torchvision) prefixes.
+#: mmdetection 2.x (Cascade) Mask R-CNN key prefixes -> :mod:`gczoo.models.detection` (torchvision) prefixes.
 _MMDET_RENAMES = (
+    (r"backbone\.(layer\d\.\d+)\.conv2_offset\.", r"backbone.body.\1.conv2.conv_offset."),  # DCN, mmdet < 2.x naming
     (r"backbone\.", "backbone.body."),
     (r"neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
     (r"neck\.fpn_convs\.(\d+)\.conv\.", r"backbone.fpn.layer_blocks.\1.0."),
@@ -63,7 +64,17 @@ _MMDET_RENAMES = (
     (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.", r"roi_heads.mask_head.\1.0."),
     (r"roi_head\.mask_head\.upsample\.", "roi_heads.mask_predictor.conv5_mask."),
     (r"roi_head\.mask_head\.conv_logits\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+    # Cascade: one box head and one mask head per stage (class-agnostic box regression, 4 outputs)
+    (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.0\.", r"roi_heads.stages.\1.box_head.fc6."),
+    (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.1\.", r"roi_heads.stages.\1.box_head.fc7."),
+    (r"roi_head\.bbox_head\.(\d)\.fc_cls\.", r"roi_heads.stages.\1.box_predictor.cls_score."),
+    (r"roi_head\.bbox_head\.(\d)\.fc_reg\.", r"roi_heads.stages.\1.box_predictor.bbox_pred."),
+    (r"roi_head\.mask_head\.(\d)\.convs\.(\d+)\.conv\.", r"roi_heads.stages.\1.mask_head.\2.0."),
+    (r"roi_head\.mask_head\.(\d)\.upsample\.", r"roi_heads.stages.\1.mask_predictor.conv5_mask."),
+    (r"roi_head\.mask_head\.(\d)\.conv_logits\.", r"roi_heads.stages.\1.mask_predictor.mask_fcn_logits."),
 )
+_CLASSIFIER = re.compile(r"roi_heads\.(stages\.\d\.)?box_predictor\.cls_score\.")
+_MASK_LOGITS = re.compile(r"roi_heads\.(stages\.\d\.)?mask_predictor\.mask_fcn_logits\.")
 
 
 def _with_background_slot(tensor: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -72,7 +83,7 @@ def _with_background_slot(tensor: torch.Tensor, per_class: int) -> torch.Tensor:
 
 
 def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """mmdetection 2.x Mask R-CNN + FPN -> :class:`gczoo.models.detection.MMDetMaskRCNN`.
+    """mmdetection 2.x (Cascade) Mask R-CNN + FPN -> :mod:`gczoo.models.detection`'s models.
 
     * ``backbone.*`` (torchvision ResNet names, GC blocks at ``layerN.i.context_block``) moves
       under ``backbone.body``; BatchNorm's ``num_batches_tracked`` counters are dropped, since
@@ -83,6 +94,10 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
     * Box regression (``80 * 4`` outputs) and mask logits (80 outputs) have no background slot;
       a zero slot is prepended. torchvision never reads it at inference (it drops class 0
       before decoding results and picks masks by the predicted, foreground, label).
+    * Cascade files (``roi_head.{bbox,mask}_head.{0,1,2}``) go to ``roi_heads.stages.{0,1,2}``
+      with the same changes, except that their class-agnostic box regression (4 outputs) is
+      kept as it is. DCN offset convs (``conv2.conv_offset``, or ``conv2_offset`` in older
+      files) go to ``conv2.conv_offset`` of :class:`gczoo.models.mmdet_ops.DeformConv2dPack`.
 
     A key matching none of these names is passed through unchanged, so the strict check of
     :func:`filter_fn` reports it as unexpected.
@@ -96,11 +111,11 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
             new, hits = re.subn("^" + pattern, replacement, key)
             if hits:
                 break
-        if new == "roi_heads.box_predictor.cls_score.weight" or new == "roi_heads.box_predictor.cls_score.bias":
+        if _CLASSIFIER.match(new):
             value = torch.cat([value[-1:], value[:-1]])
         elif new.startswith("roi_heads.box_predictor.bbox_pred."):
             value = _with_background_slot(value, 4)
-        elif new.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
+        elif _MASK_LOGITS.match(new):
             value = _with_background_slot(value, 1)
         out[new] = value
     return out

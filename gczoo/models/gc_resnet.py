@@ -102,14 +102,15 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, context_block: Optional[nn.Module] = None,
-                 pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+                 pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         outplanes = planes * self.expansion
         self.pre_block = pre_block
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = norm_layer(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.conv2 = conv2_layer(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
         self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
         self.bn3 = norm_layer(outplanes)
@@ -177,6 +178,8 @@ class GCResNet(nn.Module):
             last residual block of that stage (the paper's single-block ablations).
         norm_layer: normalisation of the ResNet part (``nn.BatchNorm2d``; detection backbones
             pass torchvision's ``FrozenBatchNorm2d``).
+        conv2_layer, conv2_stages: the 3x3 conv of every bottleneck in ``conv2_stages`` is built
+            by ``conv2_layer`` (``nn.Conv2d``'s signature), e.g. a deformable conv in c3-c5.
         num_classes, in_chans, global_pool, drop_rate: as in timm.
     """
 
@@ -185,13 +188,15 @@ class GCResNet(nn.Module):
                  gc_stages: Union[None, str, Sequence] = (3, 4, 5), gc_ratio: float = 1 / 16,
                  gc_pooling: str = "att", gc_fusion: Union[str, Sequence[str]] = "add",
                  stage_blocks: Optional[Dict[Union[int, str], str]] = None,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d, conv2_stages: Union[None, str, Sequence] = ()):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 stage depths, got {layers!r}")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.gc_stages = parse_stages(gc_stages)
+        conv2_stages = parse_stages(conv2_stages)
         gc_kw = dict(ratio=gc_ratio, pooling=gc_pooling, fusion=gc_fusion)
         extra = {}
         for stage, kind in (stage_blocks or {}).items():
@@ -221,7 +226,8 @@ class GCResNet(nn.Module):
                     kind = extra[stage]
                     pre = ContextBlock(inplanes, **gc_kw) if kind == "gc" else _STAGE_BLOCKS[kind](inplanes)
                 blocks.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, downsample, groups, base_width,
-                                         context_block=gc, pre_block=pre, norm_layer=norm_layer))
+                                         context_block=gc, pre_block=pre, norm_layer=norm_layer,
+                                         conv2_layer=conv2_layer if stage in conv2_stages else nn.Conv2d))
                 inplanes = outplanes
             name = STAGE_NAMES[stage]
             self.add_module(name, nn.Sequential(*blocks))

@@ -16,7 +16,8 @@ from torch import nn
 
 from .weights import WeightsError
 
-__all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_maskrcnn", "torchvision_resnet"]
+__all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_backbone", "mmdet_maskrcnn", "new_head",
+           "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -121,11 +122,43 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
+def new_head(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """A checkpoint in the model's layout without a classifier (a backbone): the head stays as initialised.
+
+    Every key but the classifier's (timm's ``pretrained_cfg["classifier"]``, ``fc``) must come
+    from the checkpoint. :mod:`gczoo.registry` warns once when such a model keeps a head.
+    """
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc") + "."
+    head = {k: v for k, v in model.state_dict().items() if k.startswith(classifier) and k not in state_dict}
+    return {**state_dict, **head}
+
+
+def mmdet_backbone(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """The backbone of an mmdetection 2.x detector -> the GC-ResNet classifier (:func:`new_head` for the rest).
+
+    mmdetection's ``backbone.*`` keys are torchvision's ResNet names with GC blocks at
+    ``layerN.i.context_block`` (the zoo's own layout), so the prefix is dropped and every
+    other key (neck, heads) left out. BatchNorm statistics and affine parameters are taken as
+    the detector has them (it applies them frozen at inference; see the tag's ``training`` for
+    whether they were updated on COCO). ``num_batches_tracked`` counters are kept when the
+    model has them.
+    """
+    expected = model.state_dict()
+    backbone = {key[len("backbone."):]: value for key, value in state_dict.items() if key.startswith("backbone.")}
+    backbone = {k: v for k, v in backbone.items() if not k.endswith(".num_batches_tracked") or k in expected}
+    return new_head(backbone, model)
+
+
 CONVERTERS: Dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
     "identity": identity,
+    "mmdet_backbone": mmdet_backbone,
     "mmdet_maskrcnn": mmdet_maskrcnn,
+    "new_head": new_head,
     "torchvision_resnet": torchvision_resnet,
 }
+
+#: Converters whose output has no trained classifier (the head is the model's own initialisation).
+HEADLESS = frozenset({"mmdet_backbone", "new_head"})
 
 
 def _check(converted: StateDict, model: nn.Module, classifier: str, what: str) -> None:

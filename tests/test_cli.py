@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from gczoo.manifest import load_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,8 @@ def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says(
     unknown, offline = out.stderr.split("gczoo download: cannot obtain weights resnet101_gc_r16.tv2_in1k")
     errors = unknown.splitlines()
     assert [e.split(":")[0] for e in errors] == ["gczoo info", "gczoo download", "gczoo demo"]
-    assert all("Unknown weights tag 'foo' for resnet50_gc_r16; its tags are: tv_in1k, tv2_in1k." in e for e in errors)
+    tags = ", ".join(load_manifest()["models"]["resnet50_gc_r16"]["weights"])
+    assert all(f"Unknown weights tag 'foo' for resnet50_gc_r16; its tags are: {tags}." in e for e in errors)
     assert "unset HF_HUB_OFFLINE" in offline and "gczoo download" not in offline and "pretrained_cfg_overlay" not in offline
     help_ = _run("-m", "gczoo.cli", "--help")
     assert help_.returncode == 0 and help_.stdout.startswith("usage: gczoo")

@@ -12,7 +12,7 @@ order, so ``--limit N`` evaluates the same first N images every time.
 
 **Protocol** (mmdetection 2.x's test pipeline, as the published numbers were made): one image
 per forward (``--batch-size 1``: a larger batch pads images to the largest one, and a GC block's
-global context pools over the padding), float32 (``--amp`` for float16 autocast on a GPU), the
+global context pools over the padding), float32 (``--amp``: float16 autocast on a GPU), the
 model's own resize / normalisation / thresholds (see :mod:`gczoo.models.detection`), boxes as
 ``[x, y, w, h]`` with the detection score, masks thresholded at ``model.meta["mask_threshold"]``
 and RLE-encoded, both scored with pycocotools' ``COCOeval`` (AP@[.50:.95], all areas, 100
@@ -37,22 +37,29 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's gczoo and eval.common
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
+from gczoo.fileio import atomic_path
+from gczoo.registry import check_name, model_entry, split_name
+from gczoo.weights import sha256_of
 
-from eval import common  # noqa: E402
-from eval.common import BadInput  # noqa: E402
-from gczoo.fileio import atomic_path  # noqa: E402
-from gczoo.registry import model_entry, split_name  # noqa: E402
-from gczoo.weights import sha256_of  # noqa: E402
+if __package__:  # imported as eval.<script> (the tests)
+    from . import common
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import common
+
+try:
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+except ModuleNotFoundError as _missing:
+    sys.exit(common.missing_extra("coco", _missing))
+
+BadInput = common.BadInput
 
 TASK = "coco-2017-val"
 NUM_VAL_IMAGES = 5000
@@ -228,6 +235,7 @@ def read_predictions(paths: Sequence[Path], coco: COCO, ids: Sequence[int]) -> L
 # --------------------------------------------------------------------------- one weights tag
 
 def _check_model(name: str) -> None:
+    check_name(name)  # an unknown tag fails as in every command
     entry = model_entry(name)
     if entry["family"] != FAMILY:
         raise BadInput(f"{split_name(name)[0]} is not a COCO detection model; `gczoo list 'maskrcnn*'` lists them.")
@@ -247,7 +255,7 @@ def evaluate_weights(name: str, coco: COCO, folder: Path, ids: List[int], args: 
         extra = {"predictions_files": [str(p.resolve()) for p in args.predictions],
                  "predictions_sha256": [sha256_of(p) for p in args.predictions]}
     else:
-        loaded = common.load_model(name, dist.device, checkpoint=args.checkpoint)
+        loaded = common.load_model(name, dist.device, checkpoint=args.checkpoint, weights_file=args.weights_file)
         results, speed = predict(loaded.model, coco, folder, ids, args, dist)
         extra = {"images_per_s": round(speed, 3), "amp": dist.device.type == "cuda" and args.amp,
                  "batch_size": args.batch_size}
@@ -285,12 +293,7 @@ def _describe(rec: dict) -> str:
     name = f"{rec['model']}.{rec['tag']}" if rec["tag"] else rec["model"]
     values = ", ".join(f"{k} {rec[k]:.2f}" for k in IOU_TYPES if k in rec)
     lines = [f"{name}: {values} on {rec['samples']} images, {rec['detections']} detections, {rec['device']}"]
-    for c in rec["published"]:
-        lines.append(f"  {c['verdict']}: published " + ", ".join(f"{k} {v}" for k, v in c["values"].items())
-                     + "; delta " + ", ".join(f"{k} {v:+.2f}" for k, v in c["delta"].items()) + f" ({c['source']})")
-    if rec["note"]:
-        lines.append(f"  no verdict: {rec['note']}")
-    return "\n".join(lines)
+    return "\n".join(lines + common.verdict_lines(rec, digits=2))
 
 
 def run(args: argparse.Namespace, dist: common.Distributed) -> int:
@@ -310,9 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
     common.add_common_args(parser, batch_size=1, tolerance=0.2)
-    parser.add_argument("--amp", dest="amp", action="store_true",
-                        help="on GPU, run under float16 autocast (default: float32, as the published numbers)")
-    parser.set_defaults(amp=False)
     parser.add_argument("--split", default="val2017", help="image folder and annotation name (default val2017)")
     parser.add_argument("--annotations", type=Path, metavar="FILE",
                         help="instances annotation file (default: COCO_ROOT/annotations/instances_SPLIT.json)")

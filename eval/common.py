@@ -41,12 +41,12 @@ from gczoo.fileio import atomic_path
 from gczoo.convert import StateDictMismatchError, filter_fn
 from gczoo.manifest import ManifestError, load_manifest, metric_numbers
 from gczoo.registry import UnknownModelError, create_model, model_entry, split_name, weights_entry
-from gczoo.weights import WeightsError, fetch, load_checkpoint, sha256_of
+from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, load_checkpoint, sha256_of, verify_file
 
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
-    "add_common_args", "main", "load_model", "published_metrics", "weights_with_metrics", "compare",
-    "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table",
+    "add_common_args", "main", "missing_extra", "error_message", "load_model", "published_metrics", "weights_with_metrics", "compare",
+    "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table", "verdict_lines",
 ]
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -77,6 +77,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, toleran
     parser.add_argument("--checkpoint", type=Path, metavar="FILE",
                         help="weights from a local file (safetensors or a pickle, read with weights_only=True) "
                              "instead of the manifest's source; reported without PASS/FAIL")
+    parser.add_argument("--weights-file", type=Path, metavar="FILE",
+                        help="a copy of the weights of --model NAME.TAG (e.g. from `gczoo download --to` on a machine "
+                             "with network), checked against the manifest's sha256 before use; keeps PASS/FAIL")
     parser.add_argument("--tolerance", type=float, default=tolerance, metavar="POINTS",
                         help=f"largest |measured - published| still called PASS (default {tolerance})")
     parser.add_argument("--json-out", type=Path, metavar="FILE", help="write the report as JSON")
@@ -86,13 +89,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, toleran
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="quick check on the first N samples; reported as such, never PASS/FAIL")
-    parser.add_argument("--no-amp", dest="amp", action="store_false",
-                        help="on GPU, run in float32 instead of float16 autocast")
+    parser.add_argument("--amp", action="store_true",
+                        help="on a GPU, run under float16 autocast (default: float32, as the published numbers)")
 
 
 def _check_common_args(args: argparse.Namespace) -> None:
     if args.checkpoint is not None and args.model is None:
         raise BadInput("--checkpoint needs --model NAME (the architecture the file holds weights for).")
+    if args.weights_file is not None and (args.model is None or args.checkpoint is not None):
+        raise BadInput("--weights-file needs --model NAME.TAG (the weights the file is a copy of) and no --checkpoint.")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise BadInput(f"Checkpoint {args.checkpoint} does not exist or is not a file.")
     for flag in ("batch_size", "limit"):
@@ -120,11 +125,30 @@ def main(run: Callable[[argparse.Namespace, "Distributed"], int], parser: argpar
         dist = Distributed.setup(args.device)
         return run(args, dist)
     except BAD_INPUT_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         if dist is not None:
             dist.close()
+
+
+def error_message(err: Exception) -> str:
+    """A bad-input error with advice in the terms of these scripts' command lines."""
+    if isinstance(err, UnknownModelError):
+        return f"{err} `gczoo list --pretrained` lists every model and weights tag."
+    if isinstance(err, WeightsUnavailableError):
+        return (f"{err.summary()}\nWithout network here: carry over a file whose sha256 the manifest pins (`gczoo "
+                f"info {err.label}` lists each source and its hash; `gczoo download {err.label} --to DIR` on a "
+                "machine with network says whether its copy qualifies) and add --weights-file FILE: it is checked "
+                "against the manifest, so the run still gives PASS/FAIL.")
+    return str(err)
+
+
+def missing_extra(extra: str, err: ModuleNotFoundError) -> int:
+    """One line naming the extra that provides a missing module; returns :data:`EXIT_BAD_INPUT`."""
+    print(f"error: {Path(sys.argv[0]).name} needs the '{extra}' extra ({err.name} is not installed): "
+          f"pip install -e '.[{extra}]' in the clone", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 # --------------------------------------------------------------------------- distributed
@@ -228,19 +252,26 @@ class LoadedModel:
 
 
 def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = None,
-               channels_last: bool = False, **kwargs: Any) -> LoadedModel:
+               weights_file: Optional[Path] = None, channels_last: bool = False, **kwargs: Any) -> LoadedModel:
     """Build ``name`` (``arch`` or ``arch.tag``) with the tag's verified weights or a local file.
 
     Without ``checkpoint`` the tag's file is fetched and verified by :func:`gczoo.weights.fetch`.
     A ``checkpoint`` goes through the tag's converter when the architecture has weights in the
     zoo (so an upstream-layout file works), and must be in the model's own layout otherwise.
-    Either way keys and shapes are checked strictly before anything is loaded.
+    Either way keys and shapes are checked strictly before anything is loaded. A
+    ``weights_file`` stands in for the download: it must match the manifest's hash
+    (:func:`gczoo.weights.verify_file`), so the weights are the tag's and keep their verdict.
     """
     arch, tag = split_name(name)
     entry = model_entry(arch)
     if checkpoint is None:
         tag, wentry = weights_entry(arch, tag)
-        path = fetch(arch, tag, wentry)
+        if weights_file is not None:
+            print(f"{arch}.{tag}: {weights_file} verified: {verify_file(arch, tag, wentry, weights_file)}",
+                  file=sys.stderr, flush=True)
+            path = weights_file
+        else:
+            path = fetch(arch, tag, wentry)
         model = create_model(f"{arch}.{tag}", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     else:
         path = checkpoint
@@ -340,7 +371,7 @@ def evaluate_each(names: Sequence[str], evaluate: Callable[[str], List[dict]], d
             if not keep_going or isinstance(err, BadInput):
                 raise
             if dist.is_main:
-                print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+                print(f"error: {name}: {error_message(err)}", file=sys.stderr, flush=True)
             errors.append({"name": name, "error": str(err)})
     return records, errors
 
@@ -398,6 +429,19 @@ def write_report(path: Path, records: List[dict], errors: Optional[List[dict]] =
     report = {"verdict": overall, "results": records, "errors": errors or []}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def verdict_lines(rec: dict, digits: int) -> List[str]:
+    """The report lines under a record's measurement: one ``PASS``/``FAIL`` line per published
+    metric (published numbers, delta with ``digits`` decimals, source), and ``no verdict: why``."""
+    lines = []
+    for c in rec["published"]:
+        published = ", ".join(f"{k} {v}" for k, v in c["values"].items())
+        delta = ", ".join(f"{k} {v:+.{digits}f}" for k, v in c["delta"].items())
+        lines.append(f"  {c['verdict']}: published {published}; delta {delta} ({c['source']})")
+    if rec["note"]:
+        lines.append(f"  no verdict: {rec['note']}")
+    return lines
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

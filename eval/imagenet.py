@@ -55,19 +55,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's gczoo and eval.common
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import ImageNetInfo, create_transform, resolve_data_config  # noqa: E402
-from timm.data.readers.img_extensions import get_img_extensions  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
+from gczoo.manifest import ManifestError
+from gczoo.registry import model_entry, split_name
 
-from eval import common  # noqa: E402
-from eval.common import BadInput  # noqa: E402
-from gczoo.manifest import ManifestError  # noqa: E402
-from gczoo.registry import model_entry, split_name  # noqa: E402
+if __package__:  # imported as eval.<script> (the tests)
+    from . import common
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import common
+
+BadInput = common.BadInput
 
 TASK = "imagenet-1k"
 NUM_CLASSES = 1000
@@ -87,8 +90,12 @@ def synsets() -> List[str]:
     return list(ImageNetInfo().label_names())
 
 
-def find_samples(data: Path, ground_truth: Optional[Path] = None, synset_ids: Optional[Path] = None) -> List[Sample]:
-    """``(image path, class index)`` of every validation image in ``data``, in file-name order."""
+def find_samples(data: Path, ground_truth: Optional[Path] = None, synset_ids: Optional[Path] = None,
+                 subset: bool = False) -> List[Sample]:
+    """``(image path, class index)`` of every validation image in ``data``, in file-name order.
+
+    With ``subset`` (a ``--limit`` run) the folder layout may hold only some of the synset folders.
+    """
     if not data.is_dir():
         raise BadInput(f"--data {data} does not exist or is not a directory; give the ImageNet validation folder.")
     entries = sorted(data.iterdir())
@@ -97,7 +104,7 @@ def find_samples(data: Path, ground_truth: Optional[Path] = None, synset_ids: Op
     if flat:
         samples = _flat_samples(data, flat, ground_truth, synset_ids)
     elif folders:
-        samples = _folder_samples(data, folders)
+        samples = _folder_samples(data, folders, subset)
     else:
         raise BadInput(f"{data} is neither ImageNet validation layout: expected 1000 synset folders "
                        f"(n01440764, ...) or ILSVRC2012_val_NNNNNNNN.JPEG files with a ground-truth file.")
@@ -106,11 +113,14 @@ def find_samples(data: Path, ground_truth: Optional[Path] = None, synset_ids: Op
     return sorted(samples, key=lambda s: (s[0].name, s[1]))
 
 
-def _folder_samples(data: Path, folders: List[Path]) -> List[Sample]:
+def _folder_samples(data: Path, folders: List[Path], subset: bool = False) -> List[Sample]:
     index = {wnid: i for i, wnid in enumerate(synsets())}
     names = [f.name for f in folders]
     unknown = [n for n in names if n not in index]
-    if len(folders) != NUM_CLASSES or unknown:
+    if subset and not unknown and len(folders) < NUM_CLASSES:
+        print(f"note: {data} has {len(folders)} of the {NUM_CLASSES} synset folders; a --limit run takes them as "
+              "they are (a full evaluation needs all of them)", file=sys.stderr)
+    elif len(folders) != NUM_CLASSES or unknown:
         what = f"; not ImageNet-1k synsets: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else "") \
             if unknown else ""
         raise BadInput(f"{data} has {len(folders)} class folders{what}. The ImageNet-1k validation layout has "
@@ -346,15 +356,10 @@ def evaluate_weights(name: str, samples: List[Sample], args: argparse.Namespace,
                      dist: common.Distributed) -> List[dict]:
     """Every pass of one weights tag (or checkpoint): one report record per pass, printed on rank 0."""
     cuda = dist.device.type == "cuda"
-    loaded = common.load_model(name, dist.device, checkpoint=args.checkpoint, channels_last=cuda)
+    loaded = common.load_model(name, dist.device, checkpoint=args.checkpoint, weights_file=args.weights_file,
+                               channels_last=cuda)
     published = [] if args.checkpoint else _published(loaded.name)
-    note = None
-    if args.checkpoint:
-        note = "weights from --checkpoint: no published number to compare"
-    elif args.limit is not None:
-        note = f"quick check on the first {len(samples)} images (--limit): not compared"
-    elif len(samples) != NUM_VAL_IMAGES:
-        note = f"{len(samples)} images, not the {NUM_VAL_IMAGES} of the validation set: not compared"
+    note = common.no_verdict_reason(args, len(samples), NUM_VAL_IMAGES, "the validation set")
     override = {k: v for k, v in dict(img_size=args.img_size, crop_pct=args.crop_pct).items() if v is not None}
     records = []
     for run in plan_passes(loaded.model, published, args.img_size, args.crop_pct):
@@ -381,12 +386,7 @@ def _describe(rec: dict) -> str:
              f"{rec['images_per_s']:.1f} images/s, {rec['device']}",
              f"  protocol: {p['input_size']} px, resize {p['resize']}, crop_pct {p['crop_pct']}, {p['interpolation']}"
              + (f" (overridden: {rec['override']})" if rec["override"] else "")]
-    for c in rec["published"]:
-        lines.append(f"  {c['verdict']}: published {_numbers(c['values'])}; delta {_numbers(c['delta'], sign=True)}"
-                     f" ({c['source']})")
-    if rec["note"]:
-        lines.append(f"  no verdict: {rec['note']}")
-    return "\n".join(lines)
+    return "\n".join(lines + common.verdict_lines(rec, digits=3))
 
 
 def _summary(records: List[dict], errors: List[dict]) -> str:
@@ -423,7 +423,7 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
         model_entry(args.model)
     elif args.model is not None:
         _published(args.model)
-    samples = find_samples(args.data, args.ground_truth, args.synset_ids)
+    samples = find_samples(args.data, args.ground_truth, args.synset_ids, subset=args.limit is not None)
     if args.limit is not None:
         samples = samples[:args.limit]
     names = [args.model] if args.model is not None else common.weights_with_metrics(TASK)

@@ -1,8 +1,8 @@
 """The ``gczoo`` command line.
 
-``gczoo demo``                       the zoo at a glance: model table, a real forward pass, weights check
+``gczoo demo [--model NAME[.TAG]]``  the zoo at a glance: model list, the model's natural output, weights check
 ``gczoo list [PATTERN] [--pretrained]`` model names (``arch`` or ``arch.tag``)
-``gczoo info NAME [--json]``          the model card
+``gczoo info NAME [--measure] [--json]`` the model card
 ``gczoo table [--check F | --write F]`` the README's model table
 ``gczoo download NAME[.TAG] [--to DIR]`` fetch, verify and copy weights for an air-gapped machine
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
@@ -10,7 +10,10 @@
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
 ``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
 
-Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights.
+Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights. Each subcommand is a
+``_name(args) -> exit code`` function and its parser lines in :func:`_parser`; modules are imported
+inside the functions, so ``--help``, ``list`` and ``info`` answer from the manifest without
+importing torch.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ import copy
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .fileio import atomic_path
 
@@ -39,13 +43,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .cards import model_card
-    from .registry import model_info
+    from .cards import model_card, model_info
 
     if args.json:
-        print(json.dumps(model_info(args.name), indent=2, default=str))
+        print(json.dumps(model_info(args.name, measure=args.measure), indent=2, default=str))
     else:
-        print(model_card(args.name))
+        print(model_card(args.name, measure=args.measure))
     return 0
 
 
@@ -81,15 +84,24 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from . import weights
-    from .registry import split_name, weights_entry
+    from .registry import check_name, weights_entry
 
-    arch, _ = split_name(args.name)
+    arch, _ = check_name(args.name)
     tag, entry = weights_entry(args.name)
+    from . import weights
+
     path = weights.export(arch, tag, entry, args.to) if args.to else weights.fetch(arch, tag, entry)
     print(path)
-    print(f"load it offline with: gczoo.create_model({f'{arch}.{tag}'!r}, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(path)!r}))")
+    try:
+        how = weights.verify_file(arch, tag, entry, path)
+        print(f"verified as a machine without network will check it: {how}")
+        print(f"there: gczoo demo --model {arch}.{tag} --weights-file FILE, or "
+              f"python eval/<task>.py --model {arch}.{tag} --weights-file FILE ... (FILE: this file, copied there)")
+    except weights.WeightsError as err:  # a converted pickle, or a hub file not yet pinned in the manifest
+        upstream = [s["url"] for s in entry["sources"] if s["type"] == "url" and s.get("sha256")]
+        print(f"note: a machine without network cannot check this copy against the manifest ({err})"
+              + (f"\ncarry the upstream file instead, whose full sha256 the manifest pins: {upstream[0]}"
+                 if upstream else ""))
     return 0
 
 
@@ -153,42 +165,52 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """The newcomer's first look: what is in the zoo, a real forward pass, and the weights check."""
+# --------------------------------------------------------------------------- demo
+
+def _demo_picture():
+    """A deterministic test picture (a smooth colour gradient, uint8 CHW), so the demo needs no data set."""
+    import torch
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, 300), torch.linspace(0, 1, 400), indexing="ij")
+    return torch.stack([x, y, 1 - x * y]).mul(255).byte()
+
+
+def _demo_input(args: argparse.Namespace):
+    """``--image FILE`` as uint8 CHW RGB, or the test picture."""
+    if args.image is None:
+        return _demo_picture()
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+
+    try:
+        with Image.open(args.image) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"--image {args.image}: cannot read it as an image ({err})") from None
+
+
+def _save_png(picture, path: Path) -> None:
+    from torchvision.transforms.functional import to_pil_image
+
+    with atomic_path(path) as tmp:
+        to_pil_image(picture).save(tmp, format="PNG")
+
+
+def _demo_classifier(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+    """Top-5 ImageNet classes; with the GC-ready weights, the check against torchvision's ResNet."""
     import torch
     import torchvision
-    from safetensors.torch import load_file
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
     from torchvision.transforms.functional import to_pil_image
 
-    from .registry import create_model, list_models
-    from .weights import WeightsError
-
-    print("gczoo models (`gczoo list --pretrained` for weights tags, `gczoo info NAME` for a card):")
-    print("  " + "\n  ".join(list_models()))
-    name = args.model
-    print(f"\n== {name}: downloading and verifying its default weights")
-    try:
-        model = create_model(name, pretrained=True).eval()
-        loaded = True
-    except WeightsError as e:
-        print(f"weights unavailable, so this run uses random initialisation and verifies nothing:\n{e}")
-        model = create_model(name).eval()
-        loaded = False
     config = resolve_data_config({}, model=model)
-    transform = create_transform(**config)
-    # A deterministic test picture (a smooth colour gradient), so the demo needs no data set.
-    size = config["input_size"][1:]
-    y, x = torch.meshgrid(torch.linspace(0, 1, 300), torch.linspace(0, 1, 400), indexing="ij")
-    picture = torch.stack([x, y, 1 - x * y]).mul(255).byte()
-    batch = transform(to_pil_image(picture)).unsqueeze(0)
+    batch = create_transform(**config)(to_pil_image(_demo_input(args))).unsqueeze(0)
     with torch.no_grad():
         logits = model(batch)
-    print(f"forward pass: input {tuple(batch.shape)} (size {size}, {config['interpolation']}, "
+    print(f"forward pass: input {tuple(batch.shape)} (size {config['input_size'][1:]}, {config['interpolation']}, "
           f"crop_pct {config['crop_pct']}) -> logits {tuple(logits.shape)}")
+    print("top-5 ImageNet classes" + ("" if loaded else " (random weights: these classes mean nothing)") + ":")
     info = ImageNetInfo()
-    if not loaded:
-        print("  (random weights: these classes mean nothing)")
     top = logits.softmax(-1)[0].topk(5)
     for p, i in zip(top.values, top.indices):
         print(f"  {p:.3f}  {info.index_to_description(int(i))}")
@@ -197,16 +219,117 @@ def _demo(args: argparse.Namespace) -> int:
     # The GC-ready weights claim: GC blocks start as the identity, so the model computes exactly
     # the torchvision ResNet whose weights it was given; check it on the same file.
     source = model.pretrained_cfg.get("hf_hub_id", "").split("/")[-1].split(".")[0]
-    if source not in torchvision.models.list_models(module=torchvision.models):
+    weights_file = model.pretrained_cfg.get("file")
+    if source not in torchvision.models.list_models(module=torchvision.models) or not weights_file:
         return 0
+    from .weights import load_checkpoint
+
     reference = torchvision.models.get_model(source).eval()
-    reference.load_state_dict(load_file(model.pretrained_cfg["file"]))
+    reference.load_state_dict(load_checkpoint(weights_file, f"{name} weights"))
     with torch.no_grad():
         diff = (reference(batch) - logits).abs().max().item()
     verdict = "PASS" if diff <= 1e-4 else "FAIL"
     print(f"{verdict}: {name} vs torchvision {source} loaded from the same file: "
           f"max |logit difference| = {diff:.2e}")
     return 0 if verdict == "PASS" else 1
+
+
+def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+    """Detections (boxes, masks, COCO names) drawn on the picture and saved as a PNG."""
+    import torch
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    picture = _demo_input(args)
+    with torch.no_grad():
+        det = model([picture.float() / 255])[0]
+    keep = det["scores"] >= args.score_threshold
+    categories = model.meta.get("categories") or []  # indexed by label (COCO category id)
+    names = [f"{categories[label] if label < len(categories) else label} {score:.2f}"
+             for label, score in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
+    print(f"forward pass: image {tuple(picture.shape)} -> {len(det['scores'])} detections, "
+          f"{int(keep.sum())} with score >= {args.score_threshold}"
+          + ("" if loaded else " (random weights: these detections mean nothing)"))
+    for label in names[:10]:
+        print(f"  {label}")
+    drawn = picture
+    if "masks" in det and keep.any():
+        masks = det["masks"][keep][:, 0] >= model.meta["mask_threshold"]
+        drawn = draw_segmentation_masks(drawn, masks, alpha=0.4)
+    drawn = draw_bounding_boxes(drawn, det["boxes"][keep], labels=names, width=2)
+    out = args.out or Path(f"gczoo-demo-{name}.png")
+    _save_png(drawn, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _detection_kwargs(args: argparse.Namespace) -> dict:
+    """``--min-size``: the shorter image side, the longer one capped in mmdetection's 800:1333 ratio."""
+    return {} if args.min_size is None else dict(min_size=args.min_size, max_size=round(args.min_size * 1333 / 800))
+
+
+@dataclass(frozen=True)
+class Demo:
+    """How the demo shows one family: ``run(model, name, loaded, args) -> exit code`` prints (and saves)
+    the family's natural output; ``model_kwargs(args)`` are builder arguments taken from its flags."""
+
+    run: Callable[..., int]
+    model_kwargs: Callable[[argparse.Namespace], dict] = lambda args: {}
+
+
+#: family -> its demo. A new family adds one entry (and, if it needs them, its flags in ``_parser``).
+DEMOS: Dict[str, Demo] = {
+    "gc_resnet": Demo(_demo_classifier),
+    "timm": Demo(_demo_classifier),
+    "maskrcnn": Demo(_demo_detection, _detection_kwargs),
+}
+
+
+def _unavailable_advice(err, name: str, command: str) -> str:
+    return (f"{err.summary()}\nWithout network here: carry over a file whose sha256 the manifest pins (`gczoo info "
+            f"{name}` lists each source and its hash; `gczoo download {name} --to DIR` on a machine with network "
+            f"says whether its copy qualifies) and run `gczoo {command} --model {name} --weights-file FILE`.")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The newcomer's first look: the zoo's models, and one model's natural output, with its weights if any."""
+    from .registry import check_name, create_model, list_models, model_entry
+
+    arch, tag = check_name(args.model)
+    family = model_entry(arch)["family"]
+    if family not in DEMOS:
+        raise ValueError(f"no demo for {arch} (family {family!r}) yet; the demo covers {', '.join(sorted(DEMOS))}")
+    from . import weights
+
+    demo = DEMOS[family]
+    kwargs = demo.model_kwargs(args)
+    print("gczoo models (`gczoo list --pretrained` for weights tags, `gczoo info NAME` for a card):")
+    print("  " + "\n  ".join(list_models()))
+    loaded = False
+    if model_entry(arch)["default_tag"] is None and tag is None:
+        if args.weights_file:
+            raise ValueError(f"{arch} has no weights in the zoo, so --weights-file cannot be checked against it")
+        print(f"\n== {arch}: no weights in the zoo, so this run uses random initialisation")
+        model = create_model(arch, **kwargs)
+    else:
+        tag = tag or model_entry(arch)["default_tag"]
+        name = f"{arch}.{tag}"
+        if args.weights_file:
+            print(f"\n== {name}: checking {args.weights_file} against the manifest")
+            entry = model_entry(arch)["weights"][tag]
+            print(f"verified: {weights.verify_file(arch, tag, entry, args.weights_file)}")
+            model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(args.weights_file)),
+                                 **kwargs)
+            loaded = True
+        else:
+            print(f"\n== {name}: downloading and verifying its weights")
+            try:
+                model = create_model(name, pretrained=True, **kwargs)
+                loaded = True
+            except weights.WeightsUnavailableError as err:
+                print(_unavailable_advice(err, name, "demo"))
+                print("So this run uses random initialisation and verifies nothing.")
+                model = create_model(name, **kwargs)
+    return demo.run(model.eval(), args.model, loaded, args)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -223,15 +346,24 @@ def _analyze(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gczoo", description="Global Context Networks model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="model table, a real forward pass, download and verification")
-    p.add_argument("--model", default="resnet50_gc_r16")
+    p = sub.add_parser("demo", help="the model list and one model's output (with its verified weights if any)")
+    p.add_argument("--model", default="resnet50_gc_r16", metavar="NAME[.TAG]")
+    p.add_argument("--weights-file", type=Path, metavar="FILE",
+                   help="a copy of the weights (e.g. from `gczoo download --to`), checked against the manifest's hash")
+    p.add_argument("--image", type=Path, metavar="FILE", help="your own picture (default: a colour gradient)")
+    p.add_argument("--out", type=Path, metavar="PNG", help="detection: where to save the drawing "
+                                                           "(default gczoo-demo-NAME.png)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detection: smallest score drawn (default 0.5)")
+    p.add_argument("--min-size", type=int, metavar="PX", help="detection: resize the shorter side to PX instead of "
+                                                            "the model's 800 (a quicker look on a CPU)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("list", help="list model names")
     p.add_argument("pattern", nargs="?", default="*")
     p.add_argument("--pretrained", action="store_true", help="list arch.tag for every weights tag")
     p.set_defaults(func=_list)
     p = sub.add_parser("info", help="show a model card")
-    p.add_argument("name")
+    p.add_argument("name", metavar="NAME[.TAG]")
+    p.add_argument("--measure", action="store_true", help="also measure parameters and FLOPs (builds the model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
     p = sub.add_parser("table", help="print, check or write the README's model table")
@@ -269,16 +401,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_message(err: Exception, args: argparse.Namespace) -> str:
+    """The error in the terms of the command line (the library's own advice is for Python callers)."""
+    from .registry import UnknownModelError
+
+    if isinstance(err, UnknownModelError):
+        return f"{err} `gczoo list --pretrained` lists every model and weights tag."
+    weights = sys.modules.get("gczoo.weights")  # loaded if the command touched weights
+    if weights is not None and isinstance(err, weights.WeightsUnavailableError):
+        if weights.offline():
+            advice = ("Downloading needs network: unset HF_HUB_OFFLINE / GCZOO_OFFLINE, or point GCZOO_MIRROR="
+                      "http://host:port (URL sources) or HF_ENDPOINT (hub sources) at a mirror reachable from here.")
+        else:
+            advice = ("Check the network, or point GCZOO_MIRROR=http://host:port (URL sources) or HF_ENDPOINT "
+                      "(hub sources) at a mirror holding the same files.")
+        return f"{err.summary()}\n{advice}"
+    return str(err)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     from .manifest import ManifestError
     from .registry import UnknownModelError
-    from .weights import WeightsError
 
-    args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UnknownModelError, ManifestError, WeightsError, ValueError) as e:
-        print(f"gczoo {args.command}: {e}", file=sys.stderr)
+    except Exception as e:
+        weights = sys.modules.get("gczoo.weights")  # imported by the commands that touch weights
+        if not isinstance(e, (UnknownModelError, ManifestError, ValueError) + ((weights.WeightsError,) if weights else ())):
+            raise
+        print(f"gczoo {args.command}: {_error_message(e, args)}", file=sys.stderr)
         return 2
 
 

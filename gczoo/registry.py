@@ -19,16 +19,15 @@ import fnmatch
 import importlib
 import logging
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
-
-import timm
-import torch
-from timm.models import generate_default_cfgs, register_model
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from .manifest import load_manifest
 
-__all__ = ["create_model", "list_models", "model_info", "split_name", "model_entry", "weights_entry",
-           "entrypoint", "pretrained_tag", "UnknownModelError"]
+if TYPE_CHECKING:  # torch and timm are imported where a model is built, so listing names stays fast
+    import torch
+
+__all__ = ["create_model", "list_models", "split_name", "model_entry", "weights_entry", "check_name",
+           "entrypoint", "pretrained_tag", "UnknownModelError", "TIMM_FAMILIES"]
 
 _logger = logging.getLogger(__name__)
 #: ``arch.tag`` of backbone weights whose new classifier head was already warned about (once per process).
@@ -37,6 +36,10 @@ _WARNED_NEW_HEAD: set = set()
 #: Module that builds each family (``None``: timm builds it).
 FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None,
                   "slowonly": "gczoo.models.video", "segmentation": "gczoo.models.segmentation"}
+
+#: Families whose module registers its architectures with timm when imported (``import gczoo``
+#: imports these modules as soon as timm is loaded).
+TIMM_FAMILIES = ("gc_resnet",)
 
 
 class UnknownModelError(ValueError):
@@ -61,7 +64,7 @@ def _all_names() -> List[str]:
 def _unknown_model(name: str) -> UnknownModelError:
     close = difflib.get_close_matches(name, _all_names(), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return UnknownModelError(f"Unknown model {name!r}.{hint} `gczoo list` shows every model and tag.")
+    return UnknownModelError(f"Unknown model {name!r}.{hint}")
 
 
 def model_entry(name: str) -> dict:
@@ -79,12 +82,21 @@ def weights_entry(name: str, tag: Optional[str] = None) -> Tuple[str, dict]:
     model = model_entry(arch)
     tag = tag or name_tag or model["default_tag"]
     if tag is None:
-        raise UnknownModelError(f"{arch} has no pretrained weights in the zoo; use pretrained=False "
-                                f"(models with weights: `gczoo list --pretrained`).")
+        raise UnknownModelError(f"{arch} has no pretrained weights in the zoo.")
     if tag not in model["weights"]:
         raise UnknownModelError(f"Unknown weights tag {tag!r} for {arch}; its tags are: "
                                 f"{', '.join(model['weights']) or 'none (no pretrained weights)'}.")
     return tag, model["weights"][tag]
+
+
+def check_name(name: str) -> Tuple[str, Optional[str]]:
+    """``(arch, tag)`` of ``name``; :class:`UnknownModelError` (with close matches or the tag list)
+    if the manifest holds no such architecture or weights tag. Every command checks names with it."""
+    arch, tag = split_name(name)
+    model_entry(arch)
+    if tag is not None:
+        weights_entry(arch, tag)
+    return arch, tag
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
@@ -113,6 +125,8 @@ def _timm_cfg(entry: dict, defaults: dict) -> dict:
 
 def default_cfgs(family: str, first_conv: str, classifier: str) -> dict:
     """timm ``DefaultCfg`` objects for every architecture of ``family``, default tag first."""
+    from timm.models import generate_default_cfgs
+
     manifest = _manifest()
     base = dict(manifest["defaults"]["pretrained_cfg"], first_conv=first_conv, classifier=classifier,
                 paper_name="GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond",
@@ -220,6 +234,9 @@ def register_timm_models(module_name: str, family: str) -> None:
     A name timm already has from one of its own modules is left to timm, with a warning:
     the zoo never replaces timm's models.
     """
+    import timm
+    from timm.models import register_model
+
     short = module_name.rsplit(".", 1)[-1]
     for arch, model in _manifest()["models"].items():
         if model["family"] != family:
@@ -242,10 +259,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
         from . import hosted
 
         return hosted.create_model(name, pretrained=pretrained, **kwargs)
-    model = model_entry(name)
-    arch, tag = split_name(name)
-    if tag is not None:
-        weights_entry(arch, tag)  # an unknown tag fails here, with close matches
+    import timm
+
+    arch, tag = check_name(name)
+    model = model_entry(arch)
     if "gc_stages" in kwargs and kwargs["gc_stages"] is None:
         kwargs["gc_stages"] = ()  # "no GC blocks"; timm would drop a None and build the default
     if model["family"] == "timm":
@@ -258,46 +275,3 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     if tag is not None:
         kwargs.setdefault("pretrained_cfg", tag)
     return entrypoint(arch)(pretrained=pretrained, **kwargs)
-
-
-def _count_flops(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(torch.empty((1, *input_size), device="meta"))
-    return counter.get_total_flops()
-
-
-def model_info(name: str) -> dict:
-    """The model card as data: architecture, size, cost, weights with metrics and sources.
-
-    Parameters and FLOPs are measured on the meta device (no memory, no weights): FLOPs with
-    ``torch.utils.flop_counter`` at the default input size, two per multiply-add, so GMACs --
-    the unit of the paper's "FLOPs" column -- are half of them.
-    """
-    arch, _ = split_name(name)
-    model = model_entry(arch)
-    manifest = _manifest()
-    with torch.device("meta"):
-        net = create_model(arch)
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    input_size = tuple(cfg.get("input_size", manifest["defaults"]["pretrained_cfg"]["input_size"]))
-    flops = _count_flops(net, input_size) if model["family"] != "maskrcnn" else None
-    params = sum(p.numel() for p in net.parameters())
-    return {
-        "name": arch,
-        "family": model["family"],
-        "summary": model["summary"],
-        "notes": list(model.get("notes", [])),
-        "arch": dict(model["arch"]),
-        "params": params,
-        "input_size": input_size,
-        "gflops": None if flops is None else flops / 1e9,
-        "gmacs": None if flops is None else flops / 2e9,
-        "published_size": model.get("published_size"),
-        "published": list(model.get("published", [])),
-        "default_tag": model["default_tag"],
-        "weights": model["weights"],
-        "citation": manifest["citation"],
-    }

@@ -99,6 +99,8 @@ __all__ = [
     "pin",
     "digests_from",
     "export",
+    "verify_file",
+    "offline",
 ]
 
 _CHUNK = 1 << 20  # hashing block
@@ -128,7 +130,19 @@ class WeightsError(RuntimeError):
 
 
 class WeightsUnavailableError(WeightsError):
-    """No source could deliver the file: unreachable, missing, or offline with nothing cached."""
+    """No source could deliver the file: unreachable, missing, or offline with nothing cached.
+
+    Its message advises the Python API; ``label`` (``arch.tag``) and ``tried`` (one line per
+    source: where, and why it failed) let a command line give advice in its own terms.
+    """
+
+    def __init__(self, message: str, *, label: str = "", tried: tuple = ()):
+        super().__init__(message)
+        self.label, self.tried = label, tuple(tried)
+
+    def summary(self) -> str:
+        """The message without advice: which weights, each source tried and why it failed."""
+        return f"cannot obtain weights {self.label}; sources tried:\n" + "\n".join(f"  - {t}" for t in self.tried)
 
 
 class WeightsIntegrityError(WeightsError):
@@ -187,7 +201,7 @@ def fetch_with_source(model_name: str, tag: str, entry: dict, *, progress: bool 
             return _fetch_source(source, label, progress), source
         except _Unavailable as err:
             failures.append(f"{_describe(source)}: {err}")
-    raise WeightsUnavailableError(_unavailable_message(label, failures))
+    raise WeightsUnavailableError(_unavailable_message(label, failures), label=label, tried=failures)
 
 
 def fetch_hub_file(repo_id: str, filename: str, revision: str = "main") -> Path:
@@ -218,8 +232,9 @@ def pin(model_name: str, tag: str, entry: dict) -> list[str]:
         try:
             path = _fetch_source(source, label, progress=True)
         except _Unavailable as err:
+            failures = [f"{_describe(source)}: {err}"]
             raise WeightsUnavailableError(
-                _unavailable_message(label, [f"{_describe(source)}: {err}"])
+                _unavailable_message(label, failures), label=label, tried=failures
             ) from err
         with safe_open(path, framework="pt") as f:
             recorded = (f.metadata() or {}).get(_META_SHA256)
@@ -270,6 +285,59 @@ def export(
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
     return dest
+
+
+def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike) -> str:
+    """Check a local copy of the weights ``model_name.tag`` against the manifest; say how it matched.
+
+    For machines without network (a file carried from elsewhere is as untrusted as a mirror):
+    the file is accepted when its sha256 is pinned by one of the tag's sources -- e.g. the upstream
+    file as served (torchvision's ``resnet50-0676ba61.pth``), or a hub file once pinned. A match
+    on a ``sha256_prefix`` alone (32 bits, forgeable in minutes) is accepted only with the
+    explicit opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1``, as for mirrors (:class:`WeakPinError`).
+    Otherwise :class:`WeightsIntegrityError`, or :class:`WeightsError` naming what the manifest
+    lacks when a source the file may come from has no full hash there.
+    """
+    label, src = f"{model_name}.{tag}", Path(path)
+    if not src.is_file():
+        raise WeightsError(f"{label}: no weights file at {src}")
+    actual = sha256_of(src)
+    pinned = [s for s in entry["sources"] if s.get("sha256")]
+    for source in pinned:
+        if source["sha256"] == actual:
+            return f"sha256 {actual} pinned in the manifest for {_describe(source)}"
+    prefixed = [s for s in entry["sources"] if not s.get("sha256") and s.get("sha256_prefix")]
+    for source in prefixed:
+        if actual.startswith(source["sha256_prefix"]):
+            if not _allow_prefix_only():
+                raise WeakPinError(
+                    f"{label}: {src} matches only the hash prefix {source['sha256_prefix']} of {_describe(source)} "
+                    f"({4 * len(source['sha256_prefix'])} bits, forgeable in minutes); the manifest pins no full "
+                    "sha256 for it. Accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1."
+                )
+            return (f"sha256 {actual} starts with {source['sha256_prefix']}, the hash prefix of {_describe(source)} "
+                    "(prefix only: accepted under GCZOO_ALLOW_PREFIX_ONLY)")
+    expected = "; ".join(f"sha256 {s['sha256']} ({_describe(s)})" for s in pinned) or "no full sha256 at all"
+    unpinned = [_describe(s) for s in entry["sources"] if not s.get("sha256")]
+    if unpinned:
+        raise WeightsError(
+            f"{label}: cannot verify {src} (sha256 {actual}) offline: it is none of the files the manifest "
+            f"pins ({expected}), and the manifest has no full sha256 for {'; '.join(unpinned)}. Carry a "
+            "pinned file instead (`gczoo info` lists each source's hash)."
+        )
+    raise WeightsIntegrityError(
+        f"{label}: {src} (sha256 {actual}) is not the file the manifest names: expected {expected}. "
+        "It is another file, or a corrupted or tampered copy."
+    )
+
+
+def _allow_prefix_only() -> bool:
+    return os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``GCZOO_OFFLINE`` forbids network access (read now)."""
+    return _offline()
 
 
 # --------------------------------------------------------------------------- sources
@@ -422,7 +490,7 @@ def _check_pin_strength(source: dict, url: str, label: str) -> None:
     if source.get("sha256"):
         return
     mirrored, plain = url != source["url"], urlsplit(url).scheme != "https"
-    if not (mirrored or plain) or os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE:
+    if not (mirrored or plain) or _allow_prefix_only():
         return
     why = "through GCZOO_MIRROR" if mirrored else "over plain http"
     raise WeakPinError(

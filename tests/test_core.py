@@ -160,7 +160,7 @@ def test_cli_and_readme_table(capsys, monkeypatch):
     assert run("list", "--pretrained", "resnet50_gc_r16")[1].split() == [
         "resnet50_gc_r16.mmdet_coco_maskrcnn", "resnet50_gc_r16.mmdet_coco_maskrcnn_syncbn",
         "resnet50_gc_r16.tv2_in1k", "resnet50_gc_r16.tv_in1k"]
-    code, out, _ = run("info", "resnet50_nl_c4")
+    code, out, _ = run("info", "resnet50_nl_c4", "--measure")
     assert code == 0 and "parameters: 27.66M (measured); published 27.66M" in out
     monkeypatch.chdir(ROOT)
     assert run("table", "--check", "README.md")[0] == 0

@@ -19,11 +19,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from eval import coco, common
+from mmdet_layout import mmdet_maskrcnn_state_dict, write_checkpoint
 
-from eval import coco, common  # noqa: E402
-from mmdet_layout import mmdet_maskrcnn_state_dict, write_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = "maskrcnn_resnet50_fpn_gc_r16.mmdet_1x_coco"  # published: box 39.7, mask 35.9
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 13, "name": "stop sign"}]

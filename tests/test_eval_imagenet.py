@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file as safetensors_load
 from safetensors.torch import save_file
 
 import gczoo
+from eval import common, imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from eval import common, imagenet  # noqa: E402
 
 ARCH = "resnet50_gc_r16"
 SIZE = 32
@@ -256,3 +255,55 @@ def test_every_published_imagenet_number_is_measured_under_its_own_protocol():
                 resize = protocol.get("resize", int(protocol["input_size"] / protocol["crop_pct"]))
                 assert run.protocol["resize"] == resize and list(crop.size) == [protocol["input_size"]] * 2, name
                 assert run.protocol["interpolation"] == protocol["interpolation"], name
+
+
+def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes_some_synsets(
+        valset, tmp_path, capsys, monkeypatch):
+    """`--weights-file` (a copy carried from a machine with network) is checked against the manifest's hash
+    before use and keeps the run's verdict (no `--checkpoint` demotion); a prefix-only match needs the same
+    opt-in as a mirror; `--limit` accepts a few synset folders.
+
+    The test's random weights stand for the upstream file: a copy of the manifest pins their sha256 on the
+    URL source of resnet50_gc_r16.tv_in1k (the real pin is that of torchvision's resnet50-0676ba61.pth).
+    """
+    digest = hashlib.sha256(valset["checkpoint"].read_bytes()).hexdigest()
+    manifest = json.loads(gczoo.manifest.MANIFEST_PATH.read_text())
+    source = next(s for s in manifest["models"][ARCH]["weights"]["tv_in1k"]["sources"] if s["type"] == "url")
+    source.update(sha256=digest)
+    (tmp_path / "pinned.json").write_text(json.dumps(manifest))
+    source.update(sha256=None, sha256_prefix=digest[:8])
+    (tmp_path / "prefix.json").write_text(json.dumps(manifest))
+    subset = tmp_path / "subset"
+    for folder in sorted(p for p in valset["folders"].iterdir() if any(p.iterdir()))[:3]:
+        (subset / folder.name).mkdir(parents=True)
+        for image in folder.iterdir():
+            (subset / folder.name / image.name).write_bytes(image.read_bytes())
+    argv = ["--model", ARCH + ".tv_in1k", "--data", subset, "--weights-file", valset["checkpoint"], "--limit", 2,
+            "--img-size", SIZE, "--crop-pct", "1.0", "--workers", "0", "--device", "cpu"]
+
+    monkeypatch.setattr(gczoo.manifest, "MANIFEST_PATH", tmp_path / "pinned.json")
+    assert _exit_code(*argv, "--json-out", tmp_path / "r.json") == 0
+    err = capsys.readouterr().err
+    assert f"{valset['checkpoint']} verified: sha256 {digest} pinned in the manifest for url" in err
+    assert "has 3 of the 1000 synset folders; a --limit run takes them" in err
+    rec = _report(tmp_path / "r.json")
+    assert rec["tag"] == "tv_in1k" and not rec["checkpoint"] and rec["samples"] == 2 and "(--limit)" in rec["note"]
+    assert rec["weights_sha256"] == digest
+
+    other = tmp_path / "other.safetensors"  # the same tensors in another file: nothing ties it to the manifest
+    save_file(safetensors_load(valset["checkpoint"]), str(other), metadata={"copied": "yes"})
+    assert _exit_code(*[other if a == valset["checkpoint"] else a for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "cannot verify" in err and f"none of the files the manifest pins (sha256 {digest}" in err
+
+    monkeypatch.setattr(gczoo.manifest, "MANIFEST_PATH", tmp_path / "prefix.json")
+    assert _exit_code(*argv) == 2
+    err = capsys.readouterr().err
+    assert f"matches only the hash prefix {digest[:8]}" in err and "GCZOO_ALLOW_PREFIX_ONLY=1" in err
+
+    # offline without the file: the advice is the command line's, not the Python API's
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _exit_code(*argv[:4], *argv[6:]) == 2
+    err = capsys.readouterr().err
+    assert f"\nerror: cannot obtain weights {ARCH}.tv_in1k; sources tried:" in err
+    assert "add --weights-file FILE" in err and "pretrained_cfg_overlay" not in err

@@ -182,7 +182,9 @@ def test_cli_download_and_pin(hub_server, file_server, resnet50, tmp_path, capsy
     assert main(["download", "resnet50_gc_r16.tv_in1k", "--to", str(tmp_path / "out")]) == 0
     exported = tmp_path / "out" / "resnet50_gc_r16.tv_in1k.safetensors"
     assert exported.read_bytes() == hub_file.read_bytes()
-    assert "pretrained_cfg_overlay=dict(file=" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the hub file has no pinned sha256: say so, and which file would do
+    assert "a machine without network cannot check this copy against the manifest" in out
+    assert "carry the upstream file instead, whose full sha256 the manifest pins: https://download.pytorch.org/" in out
 
     # pin: a manifest whose URL source is served by the loopback file server under a torch.hub name.
     pth = tmp_path / "resnet50.pth"

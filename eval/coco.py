@@ -85,6 +85,8 @@ def load_ground_truth(data: Path, split: str, annotations: Optional[Path]) -> Tu
             coco = COCO(str(annotations))
     except (ValueError, KeyError, TypeError, AssertionError) as err:
         raise BadInput(f"{annotations} is not a COCO instances annotation file ({err.__class__.__name__}: {err}).") from None
+    except RecursionError:
+        raise BadInput(f"{annotations} is nested too deeply to parse; it is not a COCO instances annotation file.") from None
     if not coco.getImgIds():
         raise BadInput(f"{annotations} lists no images.")
     return coco, images
@@ -93,6 +95,11 @@ def load_ground_truth(data: Path, split: str, annotations: Optional[Path]) -> Tu
 def select_images(coco: COCO, images: Path, limit: Optional[int]) -> List[int]:
     """Image ids in id order (the first ``limit``), each checked to exist on disk."""
     ids = sorted(coco.getImgIds())[:limit]
+    malformed = [i for i in ids if not (isinstance(coco.imgs[i].get("file_name"), str) and coco.imgs[i]["file_name"]
+                                        and all(isinstance(coco.imgs[i].get(k), int) for k in ("height", "width")))]
+    if malformed:
+        raise BadInput(f"{len(malformed)} image(s) of the annotations lack a 'file_name' string or integer 'height'/"
+                       f"'width' (image ids {', '.join(map(str, malformed[:5]))}); every entry of 'images' needs all three.")
     missing = [coco.imgs[i]["file_name"] for i in ids if not (images / coco.imgs[i]["file_name"]).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -201,6 +208,8 @@ def read_predictions(paths: Sequence[Path], coco: COCO, ids: Sequence[int]) -> L
             entries = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BadInput(f"Predictions file {path} is not JSON ({err}).") from None
+        except RecursionError:
+            raise BadInput(f"Predictions file {path} is nested too deeply to parse; expected a COCO results list.") from None
         if not isinstance(entries, list) or not entries:
             raise BadInput(f"Predictions file {path} holds no detections; expected a non-empty COCO results list "
                            "(entries with image_id, category_id, score and bbox and/or segmentation).")

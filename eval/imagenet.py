@@ -44,8 +44,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import math
+import os
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +93,7 @@ def find_samples(data: Path, ground_truth: Optional[Path] = None, synset_ids: Op
         raise BadInput(f"--data {data} does not exist or is not a directory; give the ImageNet validation folder.")
     entries = sorted(data.iterdir())
     folders = [p for p in entries if p.is_dir()]
-    flat = [p for p in entries if p.is_file() and VAL_FILE.fullmatch(p.name)]
+    flat = [p for p in entries if VAL_FILE.fullmatch(p.name)]
     if flat:
         samples = _flat_samples(data, flat, ground_truth, synset_ids)
     elif folders:
@@ -112,8 +115,33 @@ def _folder_samples(data: Path, folders: List[Path]) -> List[Sample]:
             if unknown else ""
         raise BadInput(f"{data} has {len(folders)} class folders{what}. The ImageNet-1k validation layout has "
                        f"{NUM_CLASSES}, one per synset (n01440764 ... n15075141), even where a folder is empty.")
-    return [(path, index[folder.name]) for folder in folders for path in sorted(folder.iterdir())
-            if path.suffix.lower() in get_img_extensions(as_set=True)]
+    images = [(path, index[folder.name]) for folder in folders for path in sorted(folder.iterdir())
+              if path.suffix.lower() in get_img_extensions(as_set=True)]
+    _check_regular_files([path for path, _ in images])
+    return images
+
+
+def _not_regular(path: Path) -> Optional[str]:
+    """What ``path`` is when it is not a regular file (links followed), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return "a broken symbolic link" if path.is_symlink() else f"unreadable ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def _check_regular_files(paths: Sequence[Path]) -> None:
+    """Every image of the set must be a regular file: a FIFO would block a reader forever, a link loop
+    or broken link cannot be read, and skipping them would evaluate fewer images than the set has."""
+    bad = [(p, what) for p in paths if (what := _not_regular(p)) is not None]
+    if bad:
+        shown = ", ".join(f"{p} ({what})" for p, what in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise BadInput(f"{len(bad)} image(s) of the validation set are not regular files: {shown}. "
+                       "Replace them with the image files (or remove them and the ground truth's lines).")
 
 
 def _first_existing(candidates: Sequence[Path]) -> Optional[Path]:
@@ -135,6 +163,7 @@ def _flat_samples(data: Path, files: List[Path], ground_truth: Optional[Path],
     else:
         labels = _read_devkit_ground_truth(ground_truth, synset_ids)
     samples = []
+    _check_regular_files(files)
     for path in files:
         if path.stem not in labels:
             raise BadInput(f"{ground_truth} has no label for {path.name}; is it the ground truth of this validation set?")

@@ -58,8 +58,10 @@ def model_card(name: str) -> str:
         for source in entry["sources"]:
             where = f"hf://{source['repo_id']}/{source['filename']}@{source['revision']}" \
                 if source["type"] == "hf_hub" else source["url"]
-            digest = source["sha256"] or (f"sha256 prefix {source['sha256_prefix']}" if source.get("sha256_prefix")
-                                          else "sha256 not pinned yet (verified against the hub's own hash)")
+            digest = source["sha256"] or (
+                f"sha256 prefix {source['sha256_prefix']} only: weak, so not fetched through a mirror or http "
+                "without GCZOO_ALLOW_PREFIX_ONLY=1" if source.get("sha256_prefix")
+                else "sha256 not pinned yet (verified against the hub's own LFS hash)")
             lines.append(f"  source: {where} [{source['format']}; {digest}]")
         for metric in entry["metrics"]:
             lines.append(f"  {metric['task']}: {metric_values(metric)} at {_protocol(metric['protocol'])} "

@@ -5,7 +5,8 @@
 ``gczoo info NAME [--json]``          the model card
 ``gczoo table [--check F | --write F]`` the README's model table
 ``gczoo download NAME[.TAG] [--to DIR]`` fetch, verify and copy weights for an air-gapped machine
-``gczoo pin NAME.TAG``                maintainers: download each source and record its sha256 in the manifest
+``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
+                                      when a second source or the maintainer confirms it
 
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -90,6 +92,9 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _pin(args: argparse.Namespace) -> int:
+    """Record each source's full sha256, but only on evidence beyond the one download: the digest
+    is already pinned, the maintainer confirms it (``--confirm``), or a second, independent host
+    serves the identical file (``--also-from``). A prefix-verified download alone proves 32 bits."""
     from . import weights
     from .manifest import MANIFEST_PATH, dump_manifest, load_manifest
     from .registry import split_name
@@ -100,11 +105,33 @@ def _pin(args: argparse.Namespace) -> int:
     entry = manifest["models"].get(arch, {}).get("weights", {}).get(tag)
     if entry is None:
         raise ValueError(f"{path} has no weights {args.name!r}; pin takes NAME.TAG (`gczoo list --pretrained`)")
-    for source, digest in zip(entry["sources"], weights.pin(arch, tag, entry)):
-        source["sha256"] = digest
-        print(f"{source.get('url') or source['repo_id'] + '/' + source['filename']}: {digest}")
-    dump_manifest(manifest, path)
-    print(f"pinned {arch}.{tag} in {path}")
+    confirmed = {d.strip().lower() for d in args.confirm or []}
+    bad = sorted(d for d in confirmed if not re.fullmatch(r"[0-9a-f]{64}", d))
+    if bad:
+        raise ValueError(f"--confirm takes full sha256 digests (64 hex digits), got {', '.join(bad)}")
+    digests = weights.pin(arch, tag, entry)
+    second = weights.digests_from(arch, tag, entry, args.also_from) if args.also_from else [(None, "")] * len(digests)
+    changed, unconfirmed = False, []
+    for source, digest, (other, note) in zip(entry["sources"], digests, second):
+        where = source.get("url") or f"{source['repo_id']}/{source['filename']}"
+        if source.get("sha256") == digest:
+            print(f"{where}: {digest} (already pinned)")
+        elif digest in confirmed or other == digest:
+            why = "confirmed by the maintainer" if digest in confirmed else f"identical from {args.also_from}"
+            source["sha256"] = digest
+            changed = True
+            print(f"{where}: {digest} (recorded: {why})")
+        else:
+            seen = f"; {note} served {other}" if other else (f"; no second copy ({note})" if note else "")
+            unconfirmed.append(f"{where}: downloaded {digest}{seen}")
+    if changed:
+        dump_manifest(manifest, path)
+        print(f"updated {arch}.{tag} in {path}")
+    if unconfirmed:
+        print("not recorded (one download is not enough evidence for a pin):\n  " + "\n  ".join(unconfirmed)
+              + "\ncheck each digest against a second, independent source (the hub's file page lists an LFS "
+              "file's sha256; a second host: --also-from URL), then pass it with --confirm SHA256", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -190,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pin", help="maintainers: record each source's sha256 in the manifest")
     p.add_argument("name", help="NAME.TAG")
     p.add_argument("--manifest", type=Path, help="manifest to update (default: the package's)")
+    p.add_argument("--confirm", action="append", metavar="SHA256",
+                   help="a digest the maintainer checked against an independent source (repeatable)")
+    p.add_argument("--also-from", metavar="URL",
+                   help="a second host (http(s)://host[:port]; a hub endpoint for hub sources) to download each "
+                        "source from again: a digest both hosts agree on is recorded")
     p.set_defaults(func=_pin)
     return parser
 

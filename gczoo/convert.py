@@ -114,14 +114,26 @@ CONVERTERS: Dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
 
 
 def _check(converted: StateDict, model: nn.Module, classifier: str, what: str) -> None:
+    """Keys, shapes, dtypes and values of the converted checkpoint against the model, before loading.
+
+    A classifier of another size is left to timm only where timm drops it (the model was built
+    with ``num_classes`` other than the weights' ``pretrained_cfg["num_classes"]``); everywhere
+    else a shape, a kind of dtype (floating / integer / bool) or a non-finite value that does
+    not fit raises :class:`StateDictMismatchError`, never a bare ``load_state_dict`` error.
+    """
     expected = model.state_dict()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    timm_drops_classifier = getattr(model, "num_classes", None) != cfg.get("num_classes", getattr(model, "num_classes", None))
     missing = [k for k in expected if k not in converted]
     unexpected = [k for k in converted if k not in expected]
-    # A classifier of another size is timm's business (num_classes != the weights' classes).
     wrong_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                    for k, v in converted.items()
-                   if k in expected and tuple(v.shape) != tuple(expected[k].shape) and not k.startswith(classifier + ".")]
-    if missing or unexpected or wrong_shape:
+                   if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+                   and not (timm_drops_classifier and k.startswith(classifier + "."))]
+    wrong_dtype = [f"{k}: checkpoint {v.dtype} vs model {expected[k].dtype}"
+                   for k, v in converted.items() if k in expected and _kind(v.dtype) != _kind(expected[k].dtype)]
+    non_finite = [k for k, v in converted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if missing or unexpected or wrong_shape or wrong_dtype or non_finite:
         def show(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 
@@ -132,9 +144,22 @@ def _check(converted: StateDict, model: nn.Module, classifier: str, what: str) -
             lines.append(f"  unexpected keys: {show(unexpected)}")
         if wrong_shape:
             lines.append(f"  shape mismatches: {show(wrong_shape)}")
+        if wrong_dtype:
+            lines.append(f"  dtype mismatches: {show(wrong_dtype)}")
+        if non_finite:
+            lines.append(f"  NaN or infinite values in: {show(non_finite)}")
         lines.append("  Check that the checkpoint was made for this architecture (and its gc_ratio/gc_stages), "
                      "or build the model with the arguments the checkpoint was trained with.")
         raise StateDictMismatchError("\n".join(lines))
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """floating / complex / bool / integer: a checkpoint may differ from the model in precision, not in kind."""
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 def filter_fn(arch: str, tag: str, converter: str, source: str) -> Callable[[StateDict, nn.Module], StateDict]:

@@ -1,9 +1,11 @@
 """Reading and validating ``weights_manifest.json``, the zoo's single source of truth.
 
 The manifest is checked against ``manifest.schema.json`` (shipped with the package) with a
-small validator for the JSON Schema keywords that schema uses, then for the facts a schema
-cannot state (a default tag that names one of the model's weights). Every problem is
-reported as a :class:`ManifestError` naming the file, the entry and the field.
+small validator for a fixed set of JSON Schema keywords (:data:`SUPPORTED_KEYWORDS`), then for
+the facts a schema cannot state (a default tag that names one of the model's weights). A schema
+using any other keyword is refused (:class:`SchemaError`) instead of being half-enforced. Every
+problem is reported as a :class:`ManifestError` naming the file, the entry and the field. JSON
+nested deeper than :data:`MAX_DEPTH` levels is refused before anything walks it.
 """
 from __future__ import annotations
 
@@ -16,10 +18,19 @@ from typing import Any, List, Optional, Union
 
 from .fileio import atomic_path
 
-__all__ = ["ManifestError", "MANIFEST_PATH", "SCHEMA_PATH", "dump_manifest", "load_manifest", "metric_numbers", "validate"]
+__all__ = ["ManifestError", "SchemaError", "MAX_DEPTH", "SUPPORTED_KEYWORDS", "MANIFEST_PATH", "SCHEMA_PATH", "dump_manifest", "load_manifest", "metric_numbers", "validate"]
 
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+
+#: The JSON Schema keywords :func:`validate` enforces; a schema using any other one is refused.
+SUPPORTED_KEYWORDS = frozenset({
+    "$comment", "$defs", "$ref", "type", "enum", "properties", "propertyNames", "required",
+    "additionalProperties", "items", "minItems", "maxItems", "minLength", "pattern", "minimum",
+    "maximum", "exclusiveMinimum", "oneOf",
+})
+#: Deepest nesting of objects/arrays accepted in a manifest (the real one needs 7).
+MAX_DEPTH = 32
 
 _JSON_TYPES = {
     "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
@@ -34,6 +45,44 @@ def metric_numbers(metric: dict) -> dict:
 
 class ManifestError(ValueError):
     """The manifest is malformed; the message names the file, the entry and the field."""
+
+
+class SchemaError(ManifestError):
+    """``manifest.schema.json`` uses a JSON Schema keyword the validator does not enforce."""
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> Optional[str]:
+    """The path of the first object/array nested deeper than ``limit`` (iteratively: no recursion), or None."""
+    stack = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, (dict, list)):
+            if len(path) >= limit:
+                return _where(path)
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((child, path + (key,)) for key, child in children)
+    return None
+
+
+def _check_schema(schema: Any, path: tuple = ()) -> None:
+    """Refuse schema keywords outside :data:`SUPPORTED_KEYWORDS` (they would be silently ignored)."""
+    if isinstance(schema, list):
+        for i, sub in enumerate(schema):
+            _check_schema(sub, path + (i,))
+        return
+    if not isinstance(schema, dict):
+        return
+    unknown = sorted(set(schema) - SUPPORTED_KEYWORDS)
+    if unknown:
+        raise SchemaError(f"{SCHEMA_PATH} uses JSON Schema keyword(s) {', '.join(unknown)} at {_where(path)}, which "
+                          f"gczoo.manifest does not enforce (supported: {', '.join(sorted(SUPPORTED_KEYWORDS))}); "
+                          "express the rule with those, or implement the keyword in gczoo/manifest.py")
+    for key, sub in schema.items():
+        if key in ("properties", "$defs"):  # maps of names to subschemas
+            for name, item in sub.items():
+                _check_schema(item, path + (key, name))
+        elif key in ("items", "additionalProperties", "propertyNames", "oneOf"):
+            _check_schema(sub, path + (key,))
 
 
 def _is_type(value: Any, name: str) -> bool:
@@ -111,7 +160,11 @@ def _errors(value: Any, schema: dict, root: dict, path: tuple) -> List[str]:
 
 def validate(data: Any, source: Union[str, Path] = "manifest") -> dict:
     """Validate manifest ``data``; return it, or raise :class:`ManifestError` listing every problem."""
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = _schema()
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ManifestError(f"{source} is malformed: {deep} is nested more than {MAX_DEPTH} levels deep "
+                            "(no manifest field needs that); fix that field")
     problems = _errors(data, schema, schema, ())
     if not problems:
         for name, model in data["models"].items():
@@ -129,6 +182,13 @@ def validate(data: Any, source: Union[str, Path] = "manifest") -> dict:
 
 
 @lru_cache(maxsize=None)
+def _schema() -> dict:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    _check_schema(schema)
+    return schema
+
+
+@lru_cache(maxsize=None)
 def _load_cached(path: str) -> dict:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -138,6 +198,9 @@ def _load_cached(path: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply to parse (a manifest needs {MAX_DEPTH} levels at most); "
+                            "it is not a gczoo manifest") from None
     return validate(data, path)
 
 

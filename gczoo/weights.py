@@ -29,6 +29,20 @@ Policy, in one place:
   full ``sha256`` when pinned, else against ``sha256_prefix`` (the hash prefix carried in the
   upstream file name), *before* it is moved to its final name. ``GCZOO_MIRROR=http://host:port``
   replaces scheme and host of every URL source and keeps the path.
+* **Hostile answers are refused, never stored.** The hub's ETag and commit become cache paths
+  in huggingface_hub (which does not check them), so gczoo's own metadata probe accepts only
+  a hex ETag (sha256 of an LFS file, or a git sha1) and a 40-hex commit, and every blob and
+  snapshot link must resolve inside the repository's cache folder: anything else is removed
+  and raises :class:`UnsafeDownloadError`. URL downloads are bounded by the expected size
+  (the source's ``size``, else ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`), refuse
+  any ``Content-Encoding`` but identity (nothing is ever decompressed), and end at an overall
+  deadline (``GCZOO_DOWNLOAD_TIMEOUT`` seconds, default :data:`DEFAULT_DOWNLOAD_TIMEOUT`).
+* **A hash prefix is weak.** 8 hex digits are 32 bits: a file with a chosen prefix is found in
+  minutes. A source pinned only by ``sha256_prefix`` is used from its original https address;
+  through ``GCZOO_MIRROR`` or over plain http it needs a full ``sha256`` pin, or the explicit
+  opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1`` (:class:`WeakPinError` otherwise).
+* **Links are not followed** for the cache's ``.partial`` and final files: a symbolic link
+  planted there is removed and :class:`UnsafeCachePathError` raised.
 * **Offline** (``HF_HUB_OFFLINE`` or ``GCZOO_OFFLINE`` set to 1/true/yes/on): no network at all;
   only cached files are used.
 * **Pickles** are read only with ``torch.load(..., weights_only=True)``; anything but tensors and
@@ -43,12 +57,15 @@ Policy, in one place:
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
 import pickle
 import re
 import shutil
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -56,6 +73,7 @@ from urllib.parse import urlsplit, urlunsplit
 import filelock
 import requests
 import torch
+import urllib3
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HTTPError as HubHTTPError  # the hub client's transport errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
@@ -70,18 +88,32 @@ __all__ = [
     "WeightsUnavailableError",
     "WeightsIntegrityError",
     "UnsafePickleError",
+    "UnsafeDownloadError",
+    "UnsafeCachePathError",
+    "WeakPinError",
     "fetch",
     "load_checkpoint",
     "sha256_of",
     "pin",
+    "digests_from",
     "export",
 ]
 
 _CHUNK = 1 << 20  # hashing block
 _DOWNLOAD_CHUNK = 64 << 10  # small, so that a connection dropping mid-chunk loses little
-_TIMEOUT = (10, 60)  # requests' (connect, read) timeouts in seconds
+_CONNECT_TIMEOUT, _READ_TIMEOUT = 10, 60  # seconds, per connection attempt / per read
+#: Overall limit of one URL download in seconds (all attempts together); ``GCZOO_DOWNLOAD_TIMEOUT`` overrides it.
+DEFAULT_DOWNLOAD_TIMEOUT = 3600.0
+#: Size bound of a URL download when neither the manifest nor the server states a size.
+MAX_UNSIZED_DOWNLOAD = 2 << 30
+#: A pickle whose tensors materialise to more than this many times its file size (plus
+#: ``_AMPLIFICATION_SLACK``) is refused: stride-0 views let a tiny file claim gigabytes.
+MAX_AMPLIFICATION = 4
+_AMPLIFICATION_SLACK = 1 << 20
 _MAX_ATTEMPTS = 5  # URL download attempts, each one resuming where the previous one stopped
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HUB_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git sha1 (regular file) or sha256 (LFS file)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 _TRUE = {"1", "true", "yes", "on"}
 # safetensors metadata keys written when a pickle is converted (provenance of the tensors)
@@ -102,7 +134,22 @@ class WeightsIntegrityError(WeightsError):
 
 
 class UnsafePickleError(WeightsError):
-    """A pickle checkpoint holds objects other than tensors and plain containers; refused."""
+    """A pickle checkpoint holds objects other than tensors and plain containers, or tensors
+    claiming far more memory than the file holds (stride-0 views); refused."""
+
+
+class UnsafeDownloadError(WeightsError):
+    """A server's answer was refused before it could enter a cache: a cache path (hub ETag or
+    commit) outside the cache, a body beyond the expected size, or a Content-Encoding other than
+    identity. Nothing it sent was kept."""
+
+
+class UnsafeCachePathError(WeightsError):
+    """A symbolic link sat where the zoo writes a cache file; it was removed, nothing was written through it."""
+
+
+class WeakPinError(WeightsError):
+    """A source pinned only by a hash prefix would be fetched from a mirror or over plain http."""
 
 
 class _Unavailable(Exception):
@@ -159,6 +206,34 @@ def pin(model_name: str, tag: str, entry: dict) -> list[str]:
     return digests
 
 
+def digests_from(model_name: str, tag: str, entry: dict, base: str) -> list[tuple[str | None, str]]:
+    """Download every source of the entry again from another host: ``(sha256 or None, note)`` per source.
+
+    ``base`` is ``http(s)://host[:port][/prefix]``: a URL source is fetched from ``base`` plus its
+    path (as ``GCZOO_MIRROR`` would), a hub source from the hub endpoint ``base``. Nothing enters
+    a cache: each file is downloaded (bounded as usual) into a temporary folder, hashed and deleted.
+    The note names the address, and why it gave no digest. For ``gczoo pin``: a digest both hosts
+    agree on comes from two independent sources.
+    """
+    label = f"{model_name}.{tag}"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gczoo-pin-") as tmp:
+        for i, source in enumerate(entry["sources"]):
+            if source.get("type") == "hf_hub":
+                url = hf_hub_url(source["repo_id"], source["filename"], revision=source.get("revision", "main"),
+                                 endpoint=base.rstrip("/"))
+            else:
+                url = _mirrored(source["url"], base)
+            partial = Path(tmp) / f"{i}.partial"
+            try:
+                _download(url, partial, progress=True, label=label, size=source.get("size"))
+            except _Unavailable as err:
+                results.append((None, f"{url}: {err}"))
+                continue
+            results.append((sha256_of(partial), url))
+    return results
+
+
 def export(
     model_name: str, tag: str, entry: dict, to_dir: str | os.PathLike, *, progress: bool = True
 ) -> Path:
@@ -189,7 +264,13 @@ def _fetch_source(source: dict, label: str, progress: bool) -> Path:
 
 
 def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
-    """Download through huggingface_hub's cache, then verify (and evict a bad file)."""
+    """Download through huggingface_hub's cache, then verify (and evict a bad file).
+
+    gczoo's own metadata probe runs first whenever the hub may be asked: it gives up at once on
+    an unreachable hub (hf_hub_download would retry with backoff for ~25 s before the next
+    source could be tried) and checks the ETag and commit that huggingface_hub turns into cache
+    paths. Afterwards the snapshot link and its blob must lie inside the repository's cache folder.
+    """
     if source.get("format") != "safetensors":
         raise WeightsError(
             f"{label}: hf_hub source {source['repo_id']}/{source['filename']} has format "
@@ -198,22 +279,28 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
     repo_id, filename = source["repo_id"], source["filename"]
     revision = source.get("revision", "main")
     cache_dir, endpoint, offline = _hf_cache_dir(), os.environ.get("HF_ENDPOINT"), _offline()
+    storage = Path(cache_dir or hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    cached = isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str)
+    local_only = offline
     try:
-        if not offline and not isinstance(
-            try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str
-        ):
-            # Probe once without retries: with nothing cached, hf_hub_download retries an
-            # unreachable hub with backoff for ~25 s before the next source could be tried.
-            get_hf_file_metadata(
-                hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), endpoint=endpoint
-            )
+        if not offline:
+            try:
+                meta = get_hf_file_metadata(
+                    hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), endpoint=endpoint
+                )
+            except (OSError, HubHTTPError):
+                if not cached:
+                    raise
+                local_only = True  # hub unreachable: the cached, verified copy will do
+            else:
+                _check_hub_metadata(meta, source, label)
         path = hf_hub_download(
             repo_id,
             filename,
             revision=revision,
             cache_dir=cache_dir,
             endpoint=endpoint,
-            local_files_only=offline,
+            local_files_only=local_only,
             tqdm_class=None if progress else functools.partial(tqdm, disable=True),
         )
     except (OSError, HubHTTPError) as err:
@@ -226,6 +313,14 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
 
     pointer = Path(path)
     blob = pointer.resolve()
+    if not (_inside(pointer.parent, storage / "snapshots") and blob.parent == (storage / "blobs").resolve()):
+        # the hub answered huggingface_hub's own request with a path-like ETag or commit
+        blob.unlink(missing_ok=True)
+        pointer.unlink(missing_ok=True)
+        raise UnsafeDownloadError(
+            f"{label}: {_describe(source)} made huggingface_hub write {blob} (link {pointer}), outside its "
+            f"cache folder {storage}; both were removed. The hub endpoint is hostile or broken."
+        )
     expected = source.get("sha256") or (blob.name if _SHA256_HEX.fullmatch(blob.name) else None)
     if expected is not None:
         actual = sha256_of(blob)
@@ -236,6 +331,23 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
                 _mismatch_message(label, _describe(source), expected, actual, blob)
             )
     return pointer
+
+
+def _check_hub_metadata(meta, source: dict, label: str) -> None:
+    """Refuse a hub answer whose ETag or commit is not plain hex (they become cache file names)
+    or whose size differs from the manifest's, before huggingface_hub writes anything."""
+    problems = []
+    if not (meta.etag and _HUB_ETAG.fullmatch(meta.etag)):
+        problems.append(f"ETag {meta.etag!r} is not a sha256 or git sha1")
+    if not (meta.commit_hash and _COMMIT.fullmatch(meta.commit_hash)):
+        problems.append(f"commit {meta.commit_hash!r} (X-Repo-Commit) is not 40 hex digits")
+    if source.get("size") is not None and meta.size != source["size"]:
+        problems.append(f"size {meta.size} differs from the manifest's {source['size']}")
+    if problems:
+        raise UnsafeDownloadError(
+            f"{label}: refused {_describe(source)} before downloading: its " + "; its ".join(problems)
+            + ". Nothing was written. The hub endpoint (HF_ENDPOINT) is hostile or broken."
+        )
 
 
 def _fetch_url(source: dict, label: str, progress: bool) -> Path:
@@ -249,17 +361,24 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
             "manifest, so it cannot be verified; add the hash prefix carried in its file name"
         )
     url = _mirrored(source["url"])
+    name = urlsplit(url).path.rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        raise WeightsError(
+            f"{label}: url source {source['url']} does not end in a file name (got {name!r}); the manifest "
+            "must give the address of the weights file itself, e.g. https://host/path/model-0123abcd.pth"
+        )
+    _check_pin_strength(source, url, label)
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    raw = ckpt_dir / Path(urlsplit(url).path).name
+    raw = ckpt_dir / name
     final = raw if fmt == "safetensors" else raw.with_suffix(".safetensors")
-    if final.exists():
+    if _no_link(final, label).exists():
         return final
 
     (ckpt_dir / ".locks").mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(ckpt_dir / ".locks" / f"{raw.name}.lock"):
-        if final.exists():  # another process finished while we waited for the lock
+        if _no_link(final, label).exists():  # another process finished while we waited for the lock
             return final
-        if raw.exists():
+        if _no_link(raw, label).exists():
             # a pickle whose conversion was interrupted, or one torch.hub itself downloaded
             digest = _verify(raw, source, label, str(raw))
         elif _offline():
@@ -268,7 +387,7 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
             )
         else:
             partial = raw.with_name(raw.name + ".partial")
-            _download(url, partial, progress)
+            _download(url, partial, progress, label, source.get("size"))
             digest = _verify(partial, source, label, url)
             os.replace(partial, raw)
         if fmt == "pickle":
@@ -277,49 +396,156 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
     return final
 
 
-def _download(url: str, partial: Path, progress: bool) -> None:
+def _check_pin_strength(source: dict, url: str, label: str) -> None:
+    """A prefix-only pin is accepted only from the source's own https address (see module docstring)."""
+    if source.get("sha256"):
+        return
+    mirrored, plain = url != source["url"], urlsplit(url).scheme != "https"
+    if not (mirrored or plain) or os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE:
+        return
+    why = "through GCZOO_MIRROR" if mirrored else "over plain http"
+    raise WeakPinError(
+        f"{label}: refused to fetch {url} {why}: the manifest pins this source only by the hash prefix "
+        f"{source['sha256_prefix']} ({4 * len(source['sha256_prefix'])} bits, forgeable in minutes), so a mirror "
+        "or proxy could serve another file with the same prefix. Pin its full sha256 in the manifest "
+        "(`gczoo pin`), or accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1."
+    )
+
+
+def _no_link(path: Path, label: str) -> Path:
+    """``path``, after removing a symbolic link found there (the zoo never reads or writes through one)."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        path.unlink()
+        raise UnsafeCachePathError(
+            f"{label}: {path} was a symbolic link (to {target}); "
+            "gczoo does not follow links in its cache, so it removed the link and wrote nothing. Run again "
+            "to download into a regular file, and check who planted the link."
+        )
+    return path
+
+
+def _download_deadline() -> float:
+    value = os.environ.get("GCZOO_DOWNLOAD_TIMEOUT", "").strip()
+    try:
+        seconds = float(value) if value else DEFAULT_DOWNLOAD_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise WeightsError(f"GCZOO_DOWNLOAD_TIMEOUT={value!r} is not a positive number of seconds")
+    return seconds
+
+
+def _download(url: str, partial: Path, progress: bool, label: str, size: int | None = None) -> None:
     """Stream ``url`` into ``partial``, resuming what is already there with a Range request.
 
-    Attempts go on while each one makes progress (up to ``_MAX_ATTEMPTS``); the partial file is
-    kept on failure so that a later call resumes it.
+    Attempts go on while each one makes progress (up to ``_MAX_ATTEMPTS``) and the overall
+    deadline has not passed; the partial file is kept on such failures so that a later call
+    resumes it. A body beyond the expected size (``size``, else ``Content-Length``, else
+    :data:`MAX_UNSIZED_DOWNLOAD`) or a compressed one is refused and the partial file removed.
+    The body is read with ``read1`` (whatever has arrived), so a server dripping bytes cannot
+    hold a read past the deadline.
     """
+    budget = _download_deadline()
+    deadline = time.monotonic() + budget
     for _ in range(_MAX_ATTEMPTS):
+        _no_link(partial, label)
         have = partial.stat().st_size if partial.exists() else 0
+        if size is not None and have > size:
+            partial.unlink()
+            have = 0
         headers = {"Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
         got = 0
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=_TIMEOUT) as resp:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            timeout = (min(_CONNECT_TIMEOUT, remaining), min(_READ_TIMEOUT, remaining))
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
                 if resp.status_code == 416:  # the partial file is not a prefix of this file
                     partial.unlink()
                     continue
                 if resp.status_code >= 400:
                     raise _Unavailable(f"HTTP {resp.status_code} {resp.reason} for {url}")
-                match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-                resume = resp.status_code == 206 and match is not None and int(match.group(1)) == have
+                encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    partial.unlink(missing_ok=True)
+                    raise UnsafeDownloadError(
+                        f"{label}: {url} was sent with Content-Encoding: {encoding} although gczoo asked for "
+                        "identity; compressed weights are never decoded (a small compressed body can expand "
+                        "to gigabytes before its hash is checked). Nothing was kept; serve the file as is."
+                    )
+                resume = resp.status_code == 206
+                if resume:
+                    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+                    if not have or match is None or int(match.group(1)) != have:
+                        # a range we did not ask for: start again from byte 0 with a plain request
+                        partial.unlink(missing_ok=True)
+                        if not have:
+                            raise _Unavailable(f"{url} answered a plain GET with 206 Partial Content")
+                        continue
                 start = have if resume else 0  # a server ignoring Range sends the whole file: restart
-                length = int(resp.headers.get("Content-Length", -1))
-                total = start + length if length >= 0 else None
-                with open(partial, "ab" if resume else "wb") as f, tqdm(
+                length = resp.headers.get("Content-Length", "").strip()
+                total = start + int(length) if length.isdigit() else None
+                if size is not None and total is not None and total != size:
+                    partial.unlink(missing_ok=True)
+                    raise UnsafeDownloadError(
+                        f"{label}: {url} announces {total} bytes, the manifest says the file has {size}; "
+                        "refused before downloading it. Nothing was kept."
+                    )
+                limit = size or total or MAX_UNSIZED_DOWNLOAD
+                with _open_partial(partial, resume, label) as f, tqdm(
                     total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=partial.name[: -len(".partial")], disable=not progress,
                 ) as bar:
-                    for chunk in resp.iter_content(_DOWNLOAD_CHUNK):
+                    while chunk := resp.raw.read1(_DOWNLOAD_CHUNK, decode_content=False):
+                        if start + got + len(chunk) > limit:
+                            f.close()
+                            partial.unlink(missing_ok=True)
+                            raise UnsafeDownloadError(
+                                f"{label}: {url} sent more than the expected {limit} bytes "
+                                f"({'manifest size' if size else 'Content-Length' if total else 'the bound for a file of unknown size'}); "
+                                "the download was stopped and nothing was kept."
+                            )
                         f.write(chunk)
                         bar.update(len(chunk))
                         got += len(chunk)
-        except requests.RequestException as err:
+                        if time.monotonic() > deadline:
+                            break
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
             # connection refused, timeout, or a body cut short: go on only if this attempt got bytes
             if not got:
+                if time.monotonic() > deadline:
+                    break
                 raise _Unavailable(_reason(err)) from err
             continue
-        if total is None or partial.stat().st_size == total:
+        if (total is None and time.monotonic() <= deadline) or partial.stat().st_size == total:
             return
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise _Unavailable(
+            f"download of {url} interrupted {_MAX_ATTEMPTS} times; {partial} is kept and the next "
+            "attempt resumes it"
+        )
     raise _Unavailable(
-        f"download of {url} interrupted {_MAX_ATTEMPTS} times; {partial} is kept and the next "
-        "attempt resumes it"
+        f"download of {url} did not finish within the deadline of {budget:g} s (GCZOO_DOWNLOAD_TIMEOUT); "
+        f"{partial} is kept and the next attempt resumes it"
     )
+
+
+def _open_partial(partial: Path, append: bool, label: str):
+    """Open the partial file for writing without following a symbolic link (O_NOFOLLOW)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(partial, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            _no_link(partial, label)
+        raise
+    return os.fdopen(fd, "ab" if append else "wb")
 
 
 def _verify(path: Path, source: dict, label: str, origin: str) -> str:
@@ -357,7 +583,7 @@ def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[
             f"(torch.load(weights_only=True) rejected it: {_unpickler_reason(err)}). Unpickling it "
             "fully could run arbitrary code."
         ) from err
-    except (RuntimeError, EOFError) as err:  # e.g. a truncated zip archive
+    except Exception as err:  # e.g. a truncated zip archive, a storage larger than memory
         raise WeightsError(f"{label}: cannot read {src.name} as a torch checkpoint ({_reason(err)})") from err
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
@@ -371,6 +597,14 @@ def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[
         )
     if problem is not None:
         raise WeightsError(f"{label}: {src.name} does not hold a state dict of tensors (found {problem})")
+    claimed = sum(v.nelement() * v.element_size() for v in obj.values())
+    allowed = MAX_AMPLIFICATION * src.stat().st_size + _AMPLIFICATION_SLACK
+    if claimed > allowed:
+        raise UnsafePickleError(
+            f"{label}: refused {src.name}: its tensors would take {claimed} bytes once materialised, "
+            f"more than {MAX_AMPLIFICATION}x the file's {src.stat().st_size} bytes (views with stride 0 "
+            "or shared storage claiming memory the file does not hold)"
+        )
     return dict(obj)
 
 
@@ -387,16 +621,23 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
         src.unlink()
         raise type(err)(f"{err}; the file was removed from the cache") from err.__cause__
 
-    tensors, seen = {}, set()
-    for key, value in obj.items():
-        value = value.detach()
-        storage = value.untyped_storage()
-        if storage.data_ptr() in seen or not value.is_contiguous() or storage.nbytes() != value.nbytes:
-            value = value.clone(memory_format=torch.contiguous_format)
-        seen.add(storage.data_ptr())
-        tensors[key] = value
-    with atomic_path(dest) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+    try:
+        tensors, seen = {}, set()
+        for key, value in obj.items():
+            value = value.detach()
+            storage = value.untyped_storage()
+            if storage.data_ptr() in seen or not value.is_contiguous() or storage.nbytes() != value.nbytes:
+                value = value.clone(memory_format=torch.contiguous_format)
+            seen.add(storage.data_ptr())
+            tensors[key] = value
+        with atomic_path(dest) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+    except Exception as err:  # e.g. out of memory or disk space: the pickle must not stay behind
+        src.unlink()
+        raise WeightsError(
+            f"{label}: converting {src.name} to safetensors failed ({_reason(err)}); the file was removed "
+            "from the cache"
+        ) from err
 
 
 # --------------------------------------------------------------------------- helpers
@@ -404,6 +645,12 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
 
 def _offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "GCZOO_OFFLINE"))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (links resolved) is ``folder`` or lies below it."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _hf_cache_dir() -> str | None:
@@ -415,9 +662,9 @@ def _hf_cache_dir() -> str | None:
     return None
 
 
-def _mirrored(url: str) -> str:
-    """Apply ``GCZOO_MIRROR``: its scheme and host (and path prefix, if any) replace the URL's."""
-    mirror = os.environ.get("GCZOO_MIRROR")
+def _mirrored(url: str, mirror: str | None = None) -> str:
+    """Apply ``mirror`` (default ``GCZOO_MIRROR``): its scheme and host (and path prefix, if any) replace the URL's."""
+    mirror = mirror or os.environ.get("GCZOO_MIRROR")
     if not mirror:
         return url
     m, u = urlsplit(mirror), urlsplit(url)

@@ -14,7 +14,11 @@ Both servers record every request (:attr:`requests`) and have switches for failu
 ``corrupt`` flips the first byte of every body (same length, wrong hash), ``cut_next_after=n``
 ends the next GET body after ``n`` bytes and drops the connection, ``honor_range=False`` answers
 Range requests with the whole file, ``chunk_delay`` sleeps between 64 KiB chunks so that
-concurrent clients overlap. Responses are HTTP/1.0 (one request per connection), so a stopped
+concurrent clients overlap. Hostile switches: ``extra_headers`` are added to (or replace) the
+answer's headers from request number ``extra_headers_from`` on (0: every request);
+``drip=s`` sends the body one byte every ``s`` seconds; ``endless=True`` sends no
+Content-Length and repeats the body until the client hangs up; ``range_start`` answers a
+Range request with a 206 starting at that byte instead of the one asked for. Responses are HTTP/1.0 (one request per connection), so a stopped
 server is really gone: no kept-alive connection keeps serving.
 
 Use the servers as context managers, or the fixtures ``file_server``/``hub_server`` (in a
@@ -57,12 +61,18 @@ class _LoopbackServer:
         self.honor_range = True
         self.cut_next_after: int | None = None
         self.chunk_delay = 0.0
+        self.extra_headers: dict[str, str] = {}
+        self.extra_headers_from = 0
+        self.drip: float | None = None
+        self.endless = False
+        self.range_start: int | None = None
         self._lock = threading.Lock()
         self._httpd: http.server.ThreadingHTTPServer | None = None
 
     # -- lifecycle
     def start(self) -> "_LoopbackServer":
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd.block_on_close = False  # a dripping handler must not hold up stop()
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
@@ -89,9 +99,10 @@ class _LoopbackServer:
             return [r for r in self.requests if r.method == "GET" and r.path.endswith(path_suffix)]
 
     # -- request handling
-    def _record(self, handler) -> None:
+    def _record(self, handler) -> int:
         with self._lock:
             self.requests.append(Request(handler.command, handler.path, dict(handler.headers)))
+            return len(self.requests) - 1
 
     def resolve(self, handler) -> tuple[Path | None, dict[str, str]]:
         """(file to serve, or None for a 404; headers to add to the answer)."""
@@ -103,8 +114,10 @@ class _LoopbackServer:
             return cut
 
     def serve(self, handler, head: bool) -> None:
-        self._record(handler)
+        number = self._record(handler)
         path, headers = self.resolve(handler)
+        if number >= self.extra_headers_from:
+            headers = {**headers, **self.extra_headers}
         if path is None:
             handler.send_response(404)
             for key, value in {**headers, "Content-Length": "0"}.items():
@@ -118,7 +131,7 @@ class _LoopbackServer:
         spec = handler.headers.get("Range")
         if spec and self.honor_range and not head:
             first, _, last = spec.removeprefix("bytes=").partition("-")
-            start = int(first)
+            start = int(first) if self.range_start is None else self.range_start
             end = int(last) + 1 if last else len(data)
             if start >= len(data):
                 handler.send_response(416)
@@ -129,7 +142,8 @@ class _LoopbackServer:
             status = 206
         body = data[start:end]
         handler.send_response(status)
-        handler.send_header("Content-Length", str(len(body)))
+        if not self.endless:
+            handler.send_header("Content-Length", str(len(body)))
         handler.send_header("Accept-Ranges", "bytes")
         if status == 206:
             handler.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
@@ -141,6 +155,17 @@ class _LoopbackServer:
         cut = self._take_cut()
         if cut is not None:
             body = body[:cut]
+        try:
+            if self.drip is not None:
+                for i in range(len(body)):
+                    handler.wfile.write(body[i:i + 1])
+                    handler.wfile.flush()
+                    time.sleep(self.drip)
+                return
+            while self.endless:
+                handler.wfile.write(body or b"\0")
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up
+            return
         for i in range(0, len(body), _BLOCK):
             handler.wfile.write(body[i:i + _BLOCK])
             if self.chunk_delay:
@@ -203,7 +228,7 @@ class HubServer(_LoopbackServer):
 
 @pytest.fixture
 def weights_env(tmp_path, monkeypatch):
-    """Private HF_HOME and TORCH_HOME; no offline flag, mirror or endpoint from the outer env.
+    """Private HF_HOME and TORCH_HOME; no offline flag, mirror, endpoint or deadline from the outer env.
 
     huggingface_hub read HF_HUB_OFFLINE when it was imported; its module constant is reset too
     so that an outer ``HF_HUB_OFFLINE=1`` does not block the loopback hub (tests that need offline
@@ -213,8 +238,12 @@ def weights_env(tmp_path, monkeypatch):
     import torch.hub
     from huggingface_hub import constants
 
-    for var in ("HF_HUB_OFFLINE", "GCZOO_OFFLINE", "GCZOO_MIRROR", "HF_ENDPOINT", "HF_HUB_CACHE"):
+    for var in ("HF_HUB_OFFLINE", "GCZOO_OFFLINE", "GCZOO_MIRROR", "HF_ENDPOINT", "HF_HUB_CACHE",
+                "GCZOO_DOWNLOAD_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
+    # The loopback servers speak plain http, where a source pinned only by a hash prefix needs this
+    # opt-in; the tests of that policy remove it.
+    monkeypatch.setenv("GCZOO_ALLOW_PREFIX_ONLY", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

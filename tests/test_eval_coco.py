@@ -199,3 +199,12 @@ def test_bad_inputs_exit_with_2_and_name_the_problem(dataset, tmp_path, capsys):
     (not_coco / "annotations").mkdir()
     (not_coco / "annotations" / "instances_val2017.json").write_text('{"images": "oops"}')
     bad("--model", MODEL, "--data", not_coco, says="is not a COCO instances annotation file")
+    # hostile or broken annotation files (issue 18): nesting beyond the parser, an image without file_name
+    (not_coco / "annotations" / "instances_val2017.json").write_text("[" * 100_000 + "]" * 100_000)
+    bad("--model", MODEL, "--data", not_coco, says="nested too deeply to parse")
+    nameless = tmp_path / "nameless"
+    ann_file = _write_dataset(nameless)
+    data = json.loads(ann_file.read_text())
+    del data["images"][1]["file_name"]
+    ann_file.write_text(json.dumps(data))
+    bad("--model", MODEL, "--data", nameless, says="lack a 'file_name' string or integer 'height'/'width' (image ids 2)")

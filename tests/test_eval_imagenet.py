@@ -211,6 +211,21 @@ def test_bad_inputs_exit_with_2_and_name_the_problem(valset, tmp_path, capsys):
     bad(*_args(valset, broken, "--ground-truth", valset["root"] / "LOC_val_solution.csv", "--workers", "1"),
         says="Cannot read image " + str(broken / "ILSVRC2012_val_00000002.JPEG"))
 
+    # images the ground truth lists that are a FIFO or a symbolic link loop (issue 18): named, not skipped
+    for kind in ("fifo", "loop"):
+        odd = tmp_path / kind
+        odd.mkdir()
+        for name in sorted(os.listdir(valset["flat"]))[:3]:
+            (odd / name).write_bytes((valset["flat"] / name).read_bytes())
+        target = odd / "ILSVRC2012_val_00000002.JPEG"
+        target.unlink()
+        if kind == "fifo":
+            os.mkfifo(target)
+        else:
+            target.symlink_to(target.name)
+        bad(*_args(valset, odd, "--ground-truth", valset["root"] / "LOC_val_solution.csv"),
+            says=f"{target} ({'a FIFO' if kind == 'fifo' else 'a symbolic link loop'})")
+
 
 def test_comparison_with_published_numbers():
     published = [{"task": "imagenet-1k", "top1": 80.0, "top5": 95.0, "protocol": {"input_size": 224}, "source": "a"},

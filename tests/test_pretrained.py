@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from loopback import FileServer
 from safetensors.torch import save_file
 
 import gczoo
@@ -191,12 +192,25 @@ def test_cli_download_and_pin(hub_server, file_server, resnet50, tmp_path, capsy
     pth.rename(served)
     manifest = json.loads((ROOT / "weights_manifest.json").read_text())
     entry = manifest["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]
-    entry["sources"][1].update(url=f"{file_server.url}/{served.name}", sha256_prefix=digest[:8])
+    entry["sources"][1].update(url=f"{file_server.url}/{served.name}", sha256_prefix=digest[:8], sha256=None)
+    entry["sources"][0]["sha256"] = None
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
-    assert main(["pin", "resnet50_gc_r16.tv_in1k", "--manifest", str(path)]) == 0
-    pinned = load_manifest(path)["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]["sources"]
-    assert [s["sha256"] for s in pinned] == [hashlib.sha256(hub_file.read_bytes()).hexdigest(), digest]
+    hub_digest = hashlib.sha256(hub_file.read_bytes()).hexdigest()
+
+    def pinned():
+        return [s["sha256"] for s in load_manifest(path)["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]["sources"]]
+
+    # one download proves nothing beyond the prefix it was checked against: nothing is recorded
+    assert main(["pin", "resnet50_gc_r16.tv_in1k", "--manifest", str(path)]) == 1
+    assert "not recorded" in capsys.readouterr().err and pinned() == [None, None]
+    # the maintainer confirms the hub file; a second, independent host serves the identical .pth
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / served.name).write_bytes(served.read_bytes())
+    with FileServer(tmp_path / "second") as second:
+        assert main(["pin", "resnet50_gc_r16.tv_in1k", "--manifest", str(path), "--confirm", hub_digest,
+                     "--also-from", second.url]) == 0
+    assert pinned() == [hub_digest, digest]
     assert main(["pin", "resnet50_gc_r16.in22k", "--manifest", str(path)]) == 2
 
 

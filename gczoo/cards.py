@@ -66,6 +66,10 @@ def model_card(name: str) -> str:
         for metric in entry["metrics"]:
             lines.append(f"  {metric['task']}: {metric_values(metric)} at {_protocol(metric['protocol'])} "
                          f"-- {metric['source']}")
+        detector = entry.get("detector")
+        for metric in (detector or {}).get("metrics", []):
+            lines.append(f"  provenance, not a result of these weights: the detector {detector['config']} has "
+                         f"{metric['task']} {metric_values(metric)} -- {metric['source']}")
     lines += ["", "cite:", info["citation"]]
     return "\n".join(lines)
 

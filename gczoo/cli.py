@@ -7,6 +7,7 @@
 ``gczoo download NAME[.TAG] [--to DIR]`` fetch, verify and copy weights for an air-gapped machine
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
                                       when a second source or the maintainer confirms it
+``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
 
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights.
 """
@@ -135,6 +136,22 @@ def _pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    """Maintainers: write hub-ready repo folders (see gczoo.publish); uploading stays with `hf upload`."""
+    from .publish import hosted_source, publish, publish_all
+
+    if args.all == bool(args.name):
+        raise ValueError("publish takes NAME.TAG or --all")
+    if args.all and args.checkpoint:
+        raise ValueError("--checkpoint goes with one NAME.TAG, not --all")
+    folders = publish_all(args.out, org=args.org) if args.all else [
+        publish(args.name, args.out, checkpoint=args.checkpoint, org=args.org)]
+    for folder in folders:
+        print(f"{folder}\n  upload: hf upload {args.org}/{folder.name} {folder} .\n"
+              f"  then list it first among the tag's sources: {json.dumps(hosted_source(folder, args.org))}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The newcomer's first look: what is in the zoo, a real forward pass, and the weights check."""
     import torch
@@ -223,6 +240,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="a second host (http(s)://host[:port]; a hub endpoint for hub sources) to download each "
                         "source from again: a digest both hosts agree on is recorded")
     p.set_defaults(func=_pin)
+    p = sub.add_parser("publish", help="maintainers: write hub-ready model repo folders")
+    p.add_argument("name", nargs="?", help="NAME.TAG")
+    p.add_argument("--all", action="store_true", help="every tag gczoo builds")
+    p.add_argument("--out", type=Path, required=True, help="folder to write OUT/NAME.TAG/ into")
+    p.add_argument("--checkpoint", type=Path, help="the upstream file, already downloaded (its sha256 is checked)")
+    p.add_argument("--org", default="gczoo", help="hub organisation named in the cards (default: gczoo)")
+    p.set_defaults(func=_publish)
     return parser
 
 

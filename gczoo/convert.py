@@ -16,7 +16,8 @@ from torch import nn
 
 from .weights import WeightsError
 
-__all__ = ["CONVERTERS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_maskrcnn", "torchvision_resnet"]
+__all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_backbone", "mmdet_maskrcnn", "new_head",
+           "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -48,8 +49,9 @@ def torchvision_resnet(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
-#: mmdetection 2.x Mask R-CNN key prefixes -> :mod:`gczoo.models.detection` (torchvision) prefixes.
+#: mmdetection 2.x (Cascade) Mask R-CNN key prefixes -> :mod:`gczoo.models.detection` (torchvision) prefixes.
 _MMDET_RENAMES = (
+    (r"backbone\.(layer\d\.\d+)\.conv2_offset\.", r"backbone.body.\1.conv2.conv_offset."),  # DCN, mmdet < 2.x naming
     (r"backbone\.", "backbone.body."),
     (r"neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
     (r"neck\.fpn_convs\.(\d+)\.conv\.", r"backbone.fpn.layer_blocks.\1.0."),
@@ -63,7 +65,17 @@ _MMDET_RENAMES = (
     (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.", r"roi_heads.mask_head.\1.0."),
     (r"roi_head\.mask_head\.upsample\.", "roi_heads.mask_predictor.conv5_mask."),
     (r"roi_head\.mask_head\.conv_logits\.", "roi_heads.mask_predictor.mask_fcn_logits."),
+    # Cascade: one box head and one mask head per stage (class-agnostic box regression, 4 outputs)
+    (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.0\.", r"roi_heads.stages.\1.box_head.fc6."),
+    (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.1\.", r"roi_heads.stages.\1.box_head.fc7."),
+    (r"roi_head\.bbox_head\.(\d)\.fc_cls\.", r"roi_heads.stages.\1.box_predictor.cls_score."),
+    (r"roi_head\.bbox_head\.(\d)\.fc_reg\.", r"roi_heads.stages.\1.box_predictor.bbox_pred."),
+    (r"roi_head\.mask_head\.(\d)\.convs\.(\d+)\.conv\.", r"roi_heads.stages.\1.mask_head.\2.0."),
+    (r"roi_head\.mask_head\.(\d)\.upsample\.", r"roi_heads.stages.\1.mask_predictor.conv5_mask."),
+    (r"roi_head\.mask_head\.(\d)\.conv_logits\.", r"roi_heads.stages.\1.mask_predictor.mask_fcn_logits."),
 )
+_CLASSIFIER = re.compile(r"roi_heads\.(stages\.\d\.)?box_predictor\.cls_score\.")
+_MASK_LOGITS = re.compile(r"roi_heads\.(stages\.\d\.)?mask_predictor\.mask_fcn_logits\.")
 
 
 def _with_background_slot(tensor: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -72,7 +84,7 @@ def _with_background_slot(tensor: torch.Tensor, per_class: int) -> torch.Tensor:
 
 
 def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """mmdetection 2.x Mask R-CNN + FPN -> :class:`gczoo.models.detection.MMDetMaskRCNN`.
+    """mmdetection 2.x (Cascade) Mask R-CNN + FPN -> :mod:`gczoo.models.detection`'s models.
 
     * ``backbone.*`` (torchvision ResNet names, GC blocks at ``layerN.i.context_block``) moves
       under ``backbone.body``; BatchNorm's ``num_batches_tracked`` counters are dropped, since
@@ -83,6 +95,10 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
     * Box regression (``80 * 4`` outputs) and mask logits (80 outputs) have no background slot;
       a zero slot is prepended. torchvision never reads it at inference (it drops class 0
       before decoding results and picks masks by the predicted, foreground, label).
+    * Cascade files (``roi_head.{bbox,mask}_head.{0,1,2}``) go to ``roi_heads.stages.{0,1,2}``
+      with the same changes, except that their class-agnostic box regression (4 outputs) is
+      kept as it is. DCN offset convs (``conv2.conv_offset``, or ``conv2_offset`` in older
+      files) go to ``conv2.conv_offset`` of :class:`gczoo.models.mmdet_ops.DeformConv2dPack`.
 
     A key matching none of these names is passed through unchanged, so the strict check of
     :func:`filter_fn` reports it as unexpected.
@@ -96,21 +112,53 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
             new, hits = re.subn("^" + pattern, replacement, key)
             if hits:
                 break
-        if new == "roi_heads.box_predictor.cls_score.weight" or new == "roi_heads.box_predictor.cls_score.bias":
+        if _CLASSIFIER.match(new):
             value = torch.cat([value[-1:], value[:-1]])
         elif new.startswith("roi_heads.box_predictor.bbox_pred."):
             value = _with_background_slot(value, 4)
-        elif new.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
+        elif _MASK_LOGITS.match(new):
             value = _with_background_slot(value, 1)
         out[new] = value
     return out
 
 
+def new_head(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """A checkpoint in the model's layout without a classifier (a backbone): the head stays as initialised.
+
+    Every key but the classifier's (timm's ``pretrained_cfg["classifier"]``, ``fc``) must come
+    from the checkpoint. :mod:`gczoo.registry` warns once when such a model keeps a head.
+    """
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc") + "."
+    head = {k: v for k, v in model.state_dict().items() if k.startswith(classifier) and k not in state_dict}
+    return {**state_dict, **head}
+
+
+def mmdet_backbone(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """The backbone of an mmdetection 2.x detector -> the GC-ResNet classifier (:func:`new_head` for the rest).
+
+    mmdetection's ``backbone.*`` keys are torchvision's ResNet names with GC blocks at
+    ``layerN.i.context_block`` (the zoo's own layout), so the prefix is dropped and every
+    other key (neck, heads) left out. BatchNorm statistics and affine parameters are taken as
+    the detector has them (it applies them frozen at inference; see the tag's ``training`` for
+    whether they were updated on COCO). ``num_batches_tracked`` counters are kept when the
+    model has them.
+    """
+    expected = model.state_dict()
+    backbone = {key[len("backbone."):]: value for key, value in state_dict.items() if key.startswith("backbone.")}
+    backbone = {k: v for k, v in backbone.items() if not k.endswith(".num_batches_tracked") or k in expected}
+    return new_head(backbone, model)
+
+
 CONVERTERS: Dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
     "identity": identity,
+    "mmdet_backbone": mmdet_backbone,
     "mmdet_maskrcnn": mmdet_maskrcnn,
+    "new_head": new_head,
     "torchvision_resnet": torchvision_resnet,
 }
+
+#: Converters whose output has no trained classifier (the head is the model's own initialisation).
+HEADLESS = frozenset({"mmdet_backbone", "new_head"})
 
 
 def _check(converted: StateDict, model: nn.Module, classifier: str, what: str) -> None:

@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import importlib
 import logging
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
@@ -29,6 +30,8 @@ __all__ = ["create_model", "list_models", "model_info", "split_name", "model_ent
            "entrypoint", "pretrained_tag", "UnknownModelError"]
 
 _logger = logging.getLogger(__name__)
+#: ``arch.tag`` of backbone weights whose new classifier head was already warned about (once per process).
+_WARNED_NEW_HEAD: set = set()
 
 #: Module that builds each family (``None``: timm builds it).
 FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None}
@@ -153,23 +156,39 @@ def pretrained_tag(pretrained_cfg: Any) -> Optional[str]:
     return getattr(pretrained_cfg, "tag", None)
 
 
-def _overlay_weights_file(arch: str, tag: str, entry: dict, kwargs: dict) -> dict:
+def _overlay_weights_file(arch: str, tag: str, entry: dict, kwargs: dict) -> Tuple[dict, str]:
     """Point ``pretrained_cfg_overlay`` at verified weights.
 
     The caller may pass ``pretrained_cfg_overlay=dict(file=...)`` (timm's convention) to load a
     local checkpoint: it is read safely by :func:`gczoo.weights.load_checkpoint` (pickles only
     with ``weights_only=True``) and handed to timm as a state dict. Otherwise
-    :func:`gczoo.weights.fetch` downloads and verifies the tag's weights.
+    :func:`gczoo.weights.fetch` downloads and verifies the tag's weights. Returns the overlay
+    and the converter to apply: the entry's, or that of the source which delivered the file.
     """
     from . import weights
 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    converter = entry["converter"]
     if overlay.get("file") and not overlay.get("state_dict"):
         overlay["state_dict"] = weights.load_checkpoint(overlay["file"], f"{arch}.{tag}")
     elif not overlay.get("state_dict"):
-        overlay["file"] = str(weights.fetch(arch, tag, entry))
+        path, source = weights.fetch_with_source(arch, tag, entry)
+        overlay["file"], converter = str(path), source.get("converter", converter)
     kwargs["pretrained_cfg_overlay"] = overlay
-    return overlay
+    return overlay, converter
+
+
+def _overlay_hosted_file(arch: str, repo: Tuple[str, str], kwargs: dict) -> Tuple[dict, str]:
+    """Point ``pretrained_cfg_overlay`` at the verified weights of a published repo (``hf-hub:`` names).
+
+    ``source`` is cleared so that timm loads that file instead of downloading the repo itself.
+    """
+    from . import hosted
+
+    path, converter = hosted.fetch_weights(arch, *repo)
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=path, source=None)
+    kwargs["pretrained_cfg_overlay"] = overlay
+    return overlay, converter
 
 
 def entrypoint(arch: str) -> Callable[..., torch.nn.Module]:
@@ -178,8 +197,10 @@ def entrypoint(arch: str) -> Callable[..., torch.nn.Module]:
     With ``pretrained=True`` the weights named by ``pretrained_cfg`` (timm passes the tag of
     ``arch.tag`` there; default: the manifest's default tag) are fetched and verified, and their
     converter runs as the ``pretrained_filter_fn``, checking the converted keys against the model.
+    A ``pretrained_cfg`` from a published repo (``hf-hub:ORG/REPO``, see :mod:`gczoo.hosted`)
+    loads that repo's weights instead.
     """
-    from . import convert
+    from . import convert, hosted
 
     model = model_entry(arch)
     module = importlib.import_module(FAMILY_MODULES[model["family"]])
@@ -187,11 +208,22 @@ def entrypoint(arch: str) -> Callable[..., torch.nn.Module]:
     def build(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
         kwargs = {**model["arch"], **kwargs}
         if pretrained:
-            tag, entry = weights_entry(arch, pretrained_tag(kwargs.get("pretrained_cfg")))
-            overlay = _overlay_weights_file(arch, tag, entry, kwargs)
+            repo = hosted.repo_of(kwargs.get("pretrained_cfg"))
+            if repo is not None:
+                tag = f"(hf-hub:{repo[0]}@{repo[1]})"
+                overlay, converter = _overlay_hosted_file(arch, repo, kwargs)
+            else:
+                tag, entry = weights_entry(arch, pretrained_tag(kwargs.get("pretrained_cfg")))
+                overlay, converter = _overlay_weights_file(arch, tag, entry, kwargs)
             kwargs["pretrained_filter_fn"] = convert.filter_fn(
-                arch, tag, entry["converter"], overlay.get("file") or "the given state dict")
-        return module.build(arch, pretrained=pretrained, **kwargs)
+                arch, tag, converter, overlay.get("file") or "the given state dict")
+        net = module.build(arch, pretrained=pretrained, **kwargs)
+        if pretrained and converter in convert.HEADLESS and getattr(net, "num_classes", 0) and f"{arch}.{tag}" not in _WARNED_NEW_HEAD:
+            _WARNED_NEW_HEAD.add(f"{arch}.{tag}")
+            warnings.warn(f"{arch}.{tag}: these weights are a backbone without a classifier; the classifier head is "
+                          "newly initialised and must be trained. Pass num_classes=0 for pooled features or "
+                          "features_only=True for the feature maps.", UserWarning, stacklevel=2)
+        return net
 
     build.__name__ = build.__qualname__ = arch
     build.__module__ = module.__name__
@@ -221,7 +253,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     ``pretrained=True`` loads the weights of the tag (default: the manifest's default tag),
     fetched and verified by :mod:`gczoo.weights`. Other keyword arguments go to the builder
     (``num_classes``, ``features_only``, ``gc_ratio``, ``gc_stages``, ...).
+    ``hf-hub:ORG/REPO[@REVISION]`` names a repo written by ``gczoo publish`` (any family).
     """
+    if name.startswith("hf-hub:"):
+        from . import hosted
+
+        return hosted.create_model(name, pretrained=pretrained, **kwargs)
     model = model_entry(name)
     arch, tag = split_name(name)
     if tag is not None:

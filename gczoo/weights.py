@@ -92,6 +92,8 @@ __all__ = [
     "UnsafeCachePathError",
     "WeakPinError",
     "fetch",
+    "fetch_with_source",
+    "fetch_hub_file",
     "load_checkpoint",
     "sha256_of",
     "pin",
@@ -173,14 +175,33 @@ def fetch(model_name: str, tag: str, entry: dict, *, progress: bool = True) -> P
     naming every source and why it failed, :class:`WeightsIntegrityError` or
     :class:`UnsafePickleError`.
     """
+    return fetch_with_source(model_name, tag, entry, progress=progress)[0]
+
+
+def fetch_with_source(model_name: str, tag: str, entry: dict, *, progress: bool = True) -> tuple[Path, dict]:
+    """:func:`fetch`, also returning the source that delivered the file (a source may name its own converter)."""
     label = f"{model_name}.{tag}"
     failures = []
     for source in entry["sources"]:
         try:
-            return _fetch_source(source, label, progress)
+            return _fetch_source(source, label, progress), source
         except _Unavailable as err:
             failures.append(f"{_describe(source)}: {err}")
     raise WeightsUnavailableError(_unavailable_message(label, failures))
+
+
+def fetch_hub_file(repo_id: str, filename: str, revision: str = "main") -> Path:
+    """A small file of a hub repo (a published repo's ``config.json``) through the same endpoint,
+    cache and offline rules as hub weights; checked by huggingface_hub (size, ETag) only."""
+    source = {"type": "hf_hub", "repo_id": repo_id, "filename": filename, "revision": revision, "format": "json",
+              "sha256": None}
+    try:
+        return _fetch_hf(source, f"hf-hub:{repo_id}", progress=False)
+    except _Unavailable as err:
+        raise WeightsUnavailableError(
+            f"cannot read {filename} of the hub repo {repo_id}@{revision} ({_describe(source)}): {err}. "
+            "Check the repo name and revision; offline, fetch the repo once with network access."
+        ) from err
 
 
 def pin(model_name: str, tag: str, entry: dict) -> list[str]:
@@ -271,7 +292,7 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
     source could be tried) and checks the ETag and commit that huggingface_hub turns into cache
     paths. Afterwards the snapshot link and its blob must lie inside the repository's cache folder.
     """
-    if source.get("format") != "safetensors":
+    if source.get("format") not in ("safetensors", "json"):  # json: fetch_hub_file, never a manifest source
         raise WeightsError(
             f"{label}: hf_hub source {source['repo_id']}/{source['filename']} has format "
             f"{source.get('format')!r}; hub sources must be safetensors files"

@@ -18,8 +18,14 @@ NUM_CLASSES = 80  # mmdetection's COCO heads: 80 classes (+ background last in t
 
 
 def mmdet_maskrcnn_state_dict(layers: Sequence[int], groups: int = 1, base_width: int = 64,
-                              gc_ratio: Optional[float] = None, seed: int = 0, std: float = 0.01) -> Dict[str, torch.Tensor]:
-    """A random state dict with mmdetection's keys and shapes; BatchNorm is the identity."""
+                              gc_ratio: Optional[float] = None, seed: int = 0, std: float = 0.01,
+                              cascade: bool = False, dcn: bool = False) -> Dict[str, torch.Tensor]:
+    """A random state dict with mmdetection's keys and shapes; BatchNorm is the identity.
+
+    ``cascade``: Cascade Mask R-CNN (``roi_head.{bbox,mask}_head.{0,1,2}``, class-agnostic
+    ``fc_reg`` of 4 outputs); ``dcn``: mmcv ``DeformConv2dPack`` offset convs
+    (``conv2.conv_offset``, 18 outputs, dense 3x3) in every bottleneck of c3-c5.
+    """
     gen = torch.Generator().manual_seed(seed)
     shapes: Dict[str, Sequence[int]] = {}
     resnet = ResNet(Bottleneck, list(layers), groups=groups, width_per_group=base_width)
@@ -28,6 +34,12 @@ def mmdet_maskrcnn_state_dict(layers: Sequence[int], groups: int = 1, base_width
     for key, value in resnet.state_dict().items():
         if not key.startswith("fc."):
             shapes["backbone." + key] = tuple(value.shape)
+    if dcn:
+        for stage, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
+            width = int(planes * base_width / 64) * groups
+            for i in range(depth if stage > 1 else 0):
+                p = f"backbone.layer{stage}.{i}.conv2.conv_offset."
+                shapes.update({p + "weight": (18, width, 3, 3), p + "bias": (18,)})
     if gc_ratio is not None:
         for stage, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
             if stage == 1:
@@ -44,15 +56,18 @@ def mmdet_maskrcnn_state_dict(layers: Sequence[int], groups: int = 1, base_width
                        f"neck.fpn_convs.{k}.conv.weight": (256, 256, 3, 3), f"neck.fpn_convs.{k}.conv.bias": (256,)})
     shapes.update({"rpn_head.rpn_conv.weight": (256, 256, 3, 3), "rpn_head.rpn_conv.bias": (256,),
                    "rpn_head.rpn_cls.weight": (3, 256, 1, 1), "rpn_head.rpn_cls.bias": (3,),
-                   "rpn_head.rpn_reg.weight": (12, 256, 1, 1), "rpn_head.rpn_reg.bias": (12,),
-                   "roi_head.bbox_head.shared_fcs.0.weight": (1024, 256 * 7 * 7), "roi_head.bbox_head.shared_fcs.0.bias": (1024,),
-                   "roi_head.bbox_head.shared_fcs.1.weight": (1024, 1024), "roi_head.bbox_head.shared_fcs.1.bias": (1024,),
-                   "roi_head.bbox_head.fc_cls.weight": (NUM_CLASSES + 1, 1024), "roi_head.bbox_head.fc_cls.bias": (NUM_CLASSES + 1,),
-                   "roi_head.bbox_head.fc_reg.weight": (NUM_CLASSES * 4, 1024), "roi_head.bbox_head.fc_reg.bias": (NUM_CLASSES * 4,),
-                   "roi_head.mask_head.upsample.weight": (256, 256, 2, 2), "roi_head.mask_head.upsample.bias": (256,),
-                   "roi_head.mask_head.conv_logits.weight": (NUM_CLASSES, 256, 1, 1), "roi_head.mask_head.conv_logits.bias": (NUM_CLASSES,)})
-    for k in range(4):
-        shapes.update({f"roi_head.mask_head.convs.{k}.conv.weight": (256, 256, 3, 3), f"roi_head.mask_head.convs.{k}.conv.bias": (256,)})
+                   "rpn_head.rpn_reg.weight": (12, 256, 1, 1), "rpn_head.rpn_reg.bias": (12,)})
+    box_outputs = 4 if cascade else NUM_CLASSES * 4
+    for b, m in ([(f"roi_head.bbox_head.{s}.", f"roi_head.mask_head.{s}.") for s in range(3)] if cascade
+                 else [("roi_head.bbox_head.", "roi_head.mask_head.")]):
+        shapes.update({b + "shared_fcs.0.weight": (1024, 256 * 7 * 7), b + "shared_fcs.0.bias": (1024,),
+                       b + "shared_fcs.1.weight": (1024, 1024), b + "shared_fcs.1.bias": (1024,),
+                       b + "fc_cls.weight": (NUM_CLASSES + 1, 1024), b + "fc_cls.bias": (NUM_CLASSES + 1,),
+                       b + "fc_reg.weight": (box_outputs, 1024), b + "fc_reg.bias": (box_outputs,),
+                       m + "upsample.weight": (256, 256, 2, 2), m + "upsample.bias": (256,),
+                       m + "conv_logits.weight": (NUM_CLASSES, 256, 1, 1), m + "conv_logits.bias": (NUM_CLASSES,)})
+        for k in range(4):
+            shapes.update({f"{m}convs.{k}.conv.weight": (256, 256, 3, 3), f"{m}convs.{k}.conv.bias": (256,)})
 
     state = {}
     for key, shape in shapes.items():

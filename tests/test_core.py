@@ -122,7 +122,7 @@ def test_unknown_names_list_close_matches():
     with pytest.raises(ValueError, match="tv_in1k, tv2_in1k"):
         gczoo.create_model("resnet50_gc_r16.in22k")
     with pytest.raises(ValueError, match="no pretrained weights"):
-        gczoo.create_model("resnext101_32x4d_gc_r4", pretrained=True)
+        gczoo.create_model("resnet50_nl_c4", pretrained=True)  # no weights (resnext101_32x4d_gc_r4 has COCO backbone tags now)
 
 
 def test_model_info():
@@ -158,6 +158,7 @@ def test_cli_and_readme_table(capsys, monkeypatch):
 
     assert run("list", "*_c4") == (0, "resnet50_gc_r16_c4\nresnet50_nl_c4\nresnet50_snl_c4\n", "")
     assert run("list", "--pretrained", "resnet50_gc_r16")[1].split() == [
+        "resnet50_gc_r16.mmdet_coco_maskrcnn", "resnet50_gc_r16.mmdet_coco_maskrcnn_syncbn",
         "resnet50_gc_r16.tv2_in1k", "resnet50_gc_r16.tv_in1k"]
     code, out, _ = run("info", "resnet50_nl_c4")
     assert code == 0 and "parameters: 27.66M (measured); published 27.66M" in out

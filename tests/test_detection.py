@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import gczoo
 from gczoo.convert import StateDictMismatchError
-from gczoo.models.detection import (COCO_CATEGORY_IDS, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign,
-                                    paste_masks)
+from gczoo.models.mmdet_ops import (COCO_CATEGORY_IDS, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign,
+                                   paste_masks)
 from gczoo.weights import WeightsError
 from torchvision.models.detection.image_list import ImageList
 

@@ -69,7 +69,7 @@ def test_star_import_and_entrypoints():
 
 def test_pretrained_cfgs_are_complete_and_match_the_model():
     names = timm.list_models(module="gc_resnet", include_tags=True)
-    assert "resnet50_gc_r4" in names and "resnet50_gc_r16.tv2_in1k" in names  # without and with weights
+    assert "resnet50_nl_c4" in names and "resnet50_gc_r16.tv2_in1k" in names  # without and with weights
     for name in names:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.license and cfg.origin_url and cfg.paper_ids == "arXiv:1904.11492", name

@@ -109,6 +109,7 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, context_block: Optional[nn.Module] = None,
                  pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d,
                  drop_block: Optional[nn.Module] = None, drop_path: Optional[nn.Module] = None):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
@@ -116,7 +117,7 @@ class Bottleneck(nn.Module):
         self.pre_block = pre_block
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = norm_layer(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.conv2 = conv2_layer(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
         self.bn2 = norm_layer(width)
         self.drop_block = drop_block
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
@@ -204,6 +205,8 @@ class GCResNet(nn.Module):
             last residual block of that stage (the paper's single-block ablations).
         norm_layer: normalisation of the ResNet part (``nn.BatchNorm2d``; detection backbones
             pass torchvision's ``FrozenBatchNorm2d``).
+        conv2_layer, conv2_stages: the 3x3 conv of every bottleneck in ``conv2_stages`` is built
+            by ``conv2_layer`` (``nn.Conv2d``'s signature), e.g. a deformable conv in c3-c5.
         num_classes, in_chans, global_pool, drop_rate: as in timm.
         drop_path_rate: stochastic depth, rising linearly from 0 at the first bottleneck to this
             rate at the last (timm's ResNet rule).
@@ -221,6 +224,7 @@ class GCResNet(nn.Module):
                  gc_pooling: str = "att", gc_fusion: Union[str, Sequence[str]] = "add",
                  stage_blocks: Optional[Dict[Union[int, str], str]] = None,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d, conv2_stages: Union[None, str, Sequence] = (),
                  drop_path_rate: float = 0.0, drop_block_rate: float = 0.0, stem_feature: bool = False):
         super().__init__()
         if len(layers) != 4:
@@ -229,6 +233,7 @@ class GCResNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.gc_stages = parse_stages(gc_stages)
+        conv2_stages = parse_stages(conv2_stages)
         gc_kw = dict(ratio=gc_ratio, pooling=gc_pooling, fusion=gc_fusion)
         extra = {}
         for stage, kind in (stage_blocks or {}).items():
@@ -262,6 +267,7 @@ class GCResNet(nn.Module):
                 drop_prob = drop_path_rate * block_index / max(total_blocks - 1, 1)
                 blocks.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, downsample, groups, base_width,
                                          context_block=gc, pre_block=pre, norm_layer=norm_layer,
+                                         conv2_layer=conv2_layer if stage in conv2_stages else nn.Conv2d,
                                          drop_block=drop_block() if drop_block is not None else None,
                                          drop_path=DropPath(drop_prob) if drop_prob > 0 else None))
                 inplanes = outplanes

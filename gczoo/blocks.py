@@ -17,7 +17,10 @@ Parameter names of :class:`ContextBlock` (``conv_mask``, ``channel_add_conv.{0,1
 weights load by renaming prefixes only.
 
 Every block accepts NCHW or channels_last input and runs under autocast; softmax is always
-computed in fp32.
+computed in fp32. Every block also takes video features ``(B, C, T, H, W)`` (NCTHW or
+channels_last_3d), with ``Np = T * H * W``: it runs on the ``(B, C, T, H * W)`` view
+(``flatten(3)``, which returns a 4-D input itself), where 1x1 convs, BatchNorm and pooling
+over all positions compute what they would on the 5-D map.
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ def parse_fusion(fusion: Union[str, Sequence[str]]) -> tuple:
 def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Query-independent attention pooling, ``sum_j softmax_j(W_k x_j) x_j`` (GCNet eq. 3).
 
+    ``x`` is ``(B, C, H, W)`` or ``(B, C, T, H, W)`` (pooling over all ``T * H * W`` positions).
+
     ``mask_weight`` holds the ``C`` weights of the 1x1 conv ``W_k`` (any shape, e.g. ``(1, C, 1, 1)``);
     ``mask_bias`` its bias or ``None``. Returns ``(B, C)``.
 
@@ -63,6 +68,7 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
     (where the logits become a single matrix-vector product). The softmax runs in fp32 (fp64
     for fp64 input) whatever the input dtype, also under autocast.
     """
+    x = x.flatten(3)  # 5-D video features as (B, C, T, H*W); a 4-D x is returned as is
     b, c = x.shape[:2]
     key = mask_weight.reshape(c).to(x.dtype)
     rows_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -183,7 +189,7 @@ class ContextBlock(nn.Module):
     def context(self, x: torch.Tensor) -> torch.Tensor:
         """Context modelling: the pooled ``(B, C)`` global context of ``x``."""
         if self.conv_mask is None:
-            return x.mean(dim=(2, 3))
+            return x.flatten(3).mean(dim=(2, 3))
         return attention_pool(x, self.conv_mask.weight, self.conv_mask.bias)
 
     def context_of_affine(self, h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -224,7 +230,7 @@ class ContextBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.fusion_terms(self.context(x))
-        return fuse(x, scale, shift)
+        return fuse(x.flatten(3), scale, shift).view_as(x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, ratio={self.ratio}, pooling={self.pooling!r}, fusion={'+'.join(self.fusion)!r}"
@@ -253,7 +259,7 @@ class SimplifiedNonLocalBlock(nn.Module):
         context = attention_pool(x, self.conv_mask.weight, self.conv_mask.bias)
         b, c = context.shape
         delta = F.linear(context, self.transform.weight.reshape(c, c), self.transform.bias)
-        return x + delta.reshape(b, c, 1, 1)
+        return (x.flatten(3) + delta.reshape(b, c, 1, 1)).view_as(x)
 
 
 class NonLocalBlock(nn.Module):
@@ -285,13 +291,15 @@ class NonLocalBlock(nn.Module):
         nn.init.zeros_(self.out_bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        original = x
+        x = x.flatten(3)  # video (B, C, T, H, W) as (B, C, T, H*W): the same positions for 1x1 convs and BN
         b, _, h, w = x.shape
         query = self.theta(x).flatten(2).transpose(1, 2)  # (B, Np, C')
         key = self.phi(x).flatten(2)  # (B, C', Np)
         value = self.g(x).flatten(2).transpose(1, 2)  # (B, Np, C')
         attn = torch.softmax(torch.bmm(query, key).float(), dim=-1).to(value.dtype)
         y = torch.bmm(attn, value).transpose(1, 2).reshape(b, -1, h, w)
-        return x + self.out_bn(self.out_conv(y))
+        return (x + self.out_bn(self.out_conv(y))).view_as(original)
 
 
 class SqueezeExcitation(nn.Module):
@@ -306,7 +314,7 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
-        s = x.mean(dim=(2, 3))
+        s = x.flatten(3).mean(dim=(2, 3))
         s = F.relu(F.linear(s, self.fc1.weight.reshape(-1, c), self.fc1.bias))
         s = torch.sigmoid(F.linear(s, self.fc2.weight.reshape(c, -1), self.fc2.bias))
-        return x * s.reshape(b, c, 1, 1)
+        return (x.flatten(3) * s.reshape(b, c, 1, 1)).view_as(x)

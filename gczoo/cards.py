@@ -42,7 +42,7 @@ def model_card(name: str) -> str:
         size += f" ({published['source']})"
     lines.append(size)
     if info["gflops"] is not None:
-        lines.append(f"compute at {info['input_size'][1]}x{info['input_size'][2]}: {info['gflops']:.2f} GFLOPs by "
+        lines.append(f"compute at {'x'.join(map(str, info['input_size'][1:]))}: {info['gflops']:.2f} GFLOPs by "
                      f"torch.utils.flop_counter (= {info['gmacs']:.2f} G multiply-adds, the unit of the paper's "
                      f"FLOPs column)")
     for metric in info["published"]:
@@ -75,7 +75,8 @@ def model_card(name: str) -> str:
 
 
 def _table_cell(metrics: List[dict], task: str) -> str:
-    """Compact results of one task: ``76.13 / 92.862 @224 crop 0.875`` per metric (ImageNet), ``39.7 / 35.9`` (COCO)."""
+    """Compact results of one task: ``76.13 / 92.862 @224 crop 0.875`` per metric (ImageNet), ``39.7 / 35.9`` (COCO),
+    ``74.94 / 91.9`` (Kinetics-400)."""
     cells = []
     for m in metrics:
         if m["task"] != task:
@@ -83,6 +84,8 @@ def _table_cell(metrics: List[dict], task: str) -> str:
         if task == "imagenet-1k":
             where = m["protocol"].get("input_size")
             cells.append(f"{m['top1']} / {m['top5']}" + (f" @{where} crop {m['protocol']['crop_pct']}" if where else ""))
+        elif task == "kinetics-400":
+            cells.append(f"{m['top1']} / {m['top5']}")
         else:
             cells.append(f"{m['box_ap']} / {m['mask_ap']}")
     return "; ".join(cells) or "-"
@@ -95,18 +98,20 @@ def model_table() -> str:
     and full protocol.
     """
     models = load_manifest()["models"]
-    rows: List[str] = ["| model | weights tag | params (M) | ImageNet-1k top-1 / top-5 | COCO val2017 box / mask AP |",
-                       "|---|---|---|---|---|"]
+    rows: List[str] = ["| model | weights tag | params (M) | ImageNet-1k top-1 / top-5 | COCO val2017 box / mask AP "
+                       "| Kinetics-400 top-1 / top-5 |",
+                       "|---|---|---|---|---|---|"]
     for arch in sorted(models, key=lambda a: (models[a]["family"], a)):
         model = models[arch]
         params = f"{model_info(arch)['params'] / 1e6:.2f}"
         if not model["weights"]:
             published = model.get("published", [])
-            imagenet = _table_cell(published, "imagenet-1k")
-            imagenet += " (paper, no weights)" if published else ""
-            rows.append(f"| `{arch}` | - | {params} | {imagenet} | - |")
+            cells = [_table_cell(published, task) for task in ("imagenet-1k", "coco-2017-val", "kinetics-400")]
+            cells = [cell if cell == "-" else f"{cell} (paper, no weights)" for cell in cells]
+            rows.append(f"| `{arch}` | - | {params} | {' | '.join(cells)} |")
         for tag, entry in model["weights"].items():
             default = " (default)" if tag == model["default_tag"] else ""
             rows.append(f"| `{arch}` | `{tag}`{default} | {params} | {_table_cell(entry['metrics'], 'imagenet-1k')} | "
-                        f"{_table_cell(entry['metrics'], 'coco-2017-val')} |")
+                        f"{_table_cell(entry['metrics'], 'coco-2017-val')} | "
+                        f"{_table_cell(entry['metrics'], 'kinetics-400')} |")
     return "\n".join([TABLE_START, *rows, TABLE_END])

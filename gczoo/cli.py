@@ -8,6 +8,7 @@
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
                                       when a second source or the maintainer confirms it
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
+``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
 
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights.
 """
@@ -208,6 +209,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if verdict == "PASS" else 1
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_command
+
+    try:
+        analyze_command(args.name, args.images, args.out, checkpoint=args.checkpoint)
+    except ImportError as e:  # the figure's matplotlib: an extra
+        print(f"gczoo analyze: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gczoo", description="Global Context Networks model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +259,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="the upstream file, already downloaded (its sha256 is checked)")
     p.add_argument("--org", default="gczoo", help="hub organisation named in the cards (default: gczoo)")
     p.set_defaults(func=_publish)
+    p = sub.add_parser("analyze", help="query independence of NL/SNL/GC blocks on images: table and attention maps")
+    p.add_argument("name", help="NAME or NAME.TAG (weights: the tag, --checkpoint, else random initialisation)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--out", type=Path, required=True, help="folder for the table (.md, .json) and figure (.png)")
+    p.add_argument("--checkpoint", type=Path, help="weights file (.safetensors or .pth): the zoo's layout, or the "
+                   "upstream layout of the model's weights tag (converted)")
+    p.set_defaults(func=_analyze)
     return parser
 
 

@@ -7,6 +7,7 @@ Families:
 * ``timm`` -- timm's own GC models, listed here with their weights and published numbers
   and built by timm.
 * ``maskrcnn`` -- detection models built by :mod:`gczoo.models.detection` (not timm models).
+* ``slowonly`` -- Kinetics video models built by :mod:`gczoo.models.video` (not timm models).
 
 Names follow timm: ``arch`` or ``arch.tag``; the tag selects weights (default: the
 manifest's ``default_tag``).
@@ -34,7 +35,8 @@ _logger = logging.getLogger(__name__)
 _WARNED_NEW_HEAD: set = set()
 
 #: Module that builds each family (``None``: timm builds it).
-FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None}
+FAMILY_MODULES = {"gc_resnet": "gczoo.models.gc_resnet", "maskrcnn": "gczoo.models.detection", "timm": None,
+                  "slowonly": "gczoo.models.video"}
 
 
 class UnknownModelError(ValueError):

@@ -40,6 +40,7 @@ __all__ = [
     "GC_FUSIONS",
     "parse_fusion",
     "fuse",
+    "ContextTransform",
 ]
 
 GC_POOLINGS = ("att", "avg")
@@ -90,15 +91,18 @@ def fuse(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.T
          inplace: bool = False) -> torch.Tensor:
     """``x * scale + shift`` with ``(B, C)`` or ``(C,)`` terms broadcast over positions.
 
-    Either term may be ``None``; they are cast to ``x.dtype`` so the result keeps it. The
+    Either term may be ``None`` (not both); they are cast to ``x.dtype`` so the result keeps it. The
     result is a new tensor in ``x``'s memory format. For channels_last input this is one
     ``addcmul`` pass; for NCHW, where the CPU ``addcmul`` kernel is slow with per-row
     broadcast terms, a multiply and an in-place add (measured faster than the one pass).
     With ``inplace`` and no scale, the shift is added into ``x`` itself (no new tensor of the
     feature map's size): for an ``x`` nothing else needs, such as a norm layer's fresh output.
+    TorchScript compiles it; torch.fx keeps it as one call (its route depends on the memory format).
     """
     c = x.shape[1]
     if scale is None:
+        if shift is None:
+            raise ValueError("fuse needs a scale, a shift or both; got neither")
         shift = shift.to(x.dtype).reshape(-1, c, 1, 1)
         return x.add_(shift) if inplace else x + shift
     scale = scale.to(x.dtype).reshape(-1, c, 1, 1)
@@ -110,29 +114,34 @@ def fuse(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.T
     return (x * scale).add_(shift)
 
 
-def _transform(hidden: int, channels: int) -> nn.Sequential:
-    """GC transform ``W_v2 ReLU(LN(W_v1 .))`` as 1x1 convs, the layout of GCNet checkpoints."""
-    return nn.Sequential(
-        nn.Conv2d(channels, hidden, 1),
-        nn.LayerNorm([hidden, 1, 1]),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(hidden, channels, 1),
-    )
+# torch.fx records each of these as one call, and the eager code runs when the graph does: their
+# route depends on the input's memory format, which a symbolic trace does not know.
+torch.fx.wrap("attention_pool")
+torch.fx.wrap("fuse")
 
 
-def _apply_transform(seq: nn.Sequential, context: torch.Tensor) -> torch.Tensor:
-    """Run a :func:`_transform` stack on ``(B, C)`` context vectors with matrix products.
+class ContextTransform(nn.Sequential):
+    """GC transform ``W_v2 ReLU(LN(W_v1 .))`` as 1x1 convs (``0``, ``1``, ``3``: the layout of GCNet checkpoints)."""
 
-    A 1x1 conv on a 1x1 map is a linear map and LayerNorm over ``(C/r, 1, 1)`` is a LayerNorm
-    over ``C/r``; computing them on vectors avoids the per-call overhead of conv kernels on
-    tiny spatial maps while using the very same parameters.
-    """
-    conv_in, norm, _, conv_out = seq
-    hidden = conv_in.out_channels
-    y = F.linear(context, conv_in.weight.reshape(hidden, -1), conv_in.bias)
-    y = F.layer_norm(y, (hidden,), norm.weight.reshape(hidden), norm.bias.reshape(hidden), norm.eps)
-    y = F.relu(y)
-    return F.linear(y, conv_out.weight.reshape(conv_out.out_channels, hidden), conv_out.bias)
+    def __init__(self, hidden: int, channels: int):
+        super().__init__(nn.Conv2d(channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]), nn.ReLU(inplace=True),
+                         nn.Conv2d(hidden, channels, 1))
+
+    def forward_vectors(self, context: torch.Tensor) -> torch.Tensor:
+        """The transform of ``(B, C)`` context vectors, with matrix products.
+
+        A 1x1 conv on a 1x1 map is a linear map and LayerNorm over ``(C/r, 1, 1)`` is a LayerNorm
+        over ``C/r``; computing them on vectors avoids the per-call overhead of conv kernels on
+        tiny spatial maps while using the very same parameters.
+        """
+        conv_in = self[0]
+        norm = self[1]
+        conv_out = self[3]
+        hidden = conv_in.out_channels
+        y = F.linear(context, conv_in.weight.reshape(hidden, -1), conv_in.bias)
+        y = F.layer_norm(y, (hidden,), norm.weight.reshape(hidden), norm.bias.reshape(hidden), norm.eps)
+        y = F.relu(y)
+        return F.linear(y, conv_out.weight.reshape(conv_out.out_channels, hidden), conv_out.bias)
 
 
 class ContextBlock(nn.Module):
@@ -164,8 +173,8 @@ class ContextBlock(nn.Module):
         self.pooling = pooling
         self.fusion = parse_fusion(fusion)
         self.conv_mask = nn.Conv2d(channels, 1, 1) if pooling == "att" else None
-        self.channel_add_conv = _transform(hidden, channels) if "add" in self.fusion else None
-        self.channel_mul_conv = _transform(hidden, channels) if "mul" in self.fusion else None
+        self.channel_add_conv = ContextTransform(hidden, channels) if "add" in self.fusion else None
+        self.channel_mul_conv = ContextTransform(hidden, channels) if "mul" in self.fusion else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -211,11 +220,12 @@ class ContextBlock(nn.Module):
 
         ``scale = sigmoid(W_mul(context))`` for "mul" fusion, ``shift = W_add(context)`` for "add".
         """
-        scale = shift = None
+        scale: Optional[torch.Tensor] = None
+        shift: Optional[torch.Tensor] = None
         if self.channel_mul_conv is not None:
-            scale = torch.sigmoid(_apply_transform(self.channel_mul_conv, context))
+            scale = torch.sigmoid(self.channel_mul_conv.forward_vectors(context))
         if self.channel_add_conv is not None:
-            shift = _apply_transform(self.channel_add_conv, context)
+            shift = self.channel_add_conv.forward_vectors(context)
         return scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

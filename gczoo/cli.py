@@ -262,6 +262,26 @@ def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) ->
     return 0
 
 
+def _demo_video(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+    """A static clip (the picture repeated over the model's frames) -> the top-5 Kinetics-400 class indices."""
+    import torch
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.transforms.functional import to_pil_image
+
+    _, frames, height, width = model.pretrained_cfg["input_size"]
+    frame = create_transform(**resolve_data_config({"input_size": (3, height, width)}))(to_pil_image(_demo_input(args)))
+    clip = frame.unsqueeze(1).expand(-1, frames, -1, -1).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(clip)
+    print(f"forward pass: static clip {tuple(clip.shape)} (the picture repeated over {frames} frames) -> logits "
+          f"{tuple(logits.shape)}")
+    print("top-5 Kinetics-400 class indices" + ("" if loaded else " (random weights: these classes mean nothing)") + ":")
+    top = logits.softmax(-1)[0].topk(5)
+    for p, i in zip(top.values, top.indices):
+        print(f"  {p:.3f}  class {int(i)}")
+    return 0
+
+
 def _detection_kwargs(args: argparse.Namespace) -> dict:
     """``--min-size``: the shorter image side, the longer one capped in mmdetection's 800:1333 ratio."""
     return {} if args.min_size is None else dict(min_size=args.min_size, max_size=round(args.min_size * 1333 / 800))
@@ -281,6 +301,7 @@ DEMOS: Dict[str, Demo] = {
     "gc_resnet": Demo(_demo_classifier),
     "timm": Demo(_demo_classifier),
     "maskrcnn": Demo(_demo_detection, _detection_kwargs),
+    "slowonly": Demo(_demo_video),
 }
 
 

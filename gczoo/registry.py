@@ -106,25 +106,42 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(split_name(n)[0], pattern))
 
 
-def _timm_cfg(entry: dict, defaults: dict) -> dict:
-    """A timm pretrained-cfg dict (``timm.models.PretrainedCfg`` fields) for one weights entry."""
-    cfg = dict(defaults, **entry["pretrained_cfg"])
+def _timm_cfg(entry: Optional[dict], base: dict, feature_stride: int) -> dict:
+    """A complete timm pretrained-cfg dict (``timm.models.PretrainedCfg`` fields) for one weights entry.
+
+    ``entry`` ``None`` gives the cfg of an architecture without weights: the manifest's defaults,
+    no file, the zoo's own license and the paper as origin. ``pool_size`` is the final feature
+    map at ``input_size`` (``ceil(size / feature_stride)``, every stride-2 layer of a ResNet
+    rounding up); ``license`` is the SPDX id in lower case, as timm writes it.
+    """
+    cfg = dict(base, **(entry["pretrained_cfg"] if entry else {}))
     for key in ("input_size", "test_input_size", "mean", "std"):
         if key in cfg:
             cfg[key] = tuple(cfg[key])
+    cfg["pool_size"] = tuple(-(-size // feature_stride) for size in cfg["input_size"][1:])
+    if "test_input_size" in cfg:
+        cfg["test_pool_size"] = tuple(-(-size // feature_stride) for size in cfg["test_input_size"][1:])
+    if entry is None:
+        cfg["license"] = _manifest()["defaults"]["license"]
+        cfg["origin_url"] = "https://arxiv.org/abs/" + base["paper_ids"].partition(":")[2]
+        return cfg
     for source in entry["sources"]:
         if source["type"] == "hf_hub":
             cfg.setdefault("hf_hub_id", source["repo_id"])
             cfg.setdefault("hf_hub_filename", source["filename"])
         else:
             cfg.setdefault("url", source["url"])
-    cfg["license"] = entry["license"]
+            cfg.setdefault("origin_url", source["url"])
+    cfg["license"] = entry["license"].split()[0].lower()
     cfg["notes"] = (entry["training"],)
     return cfg
 
 
-def default_cfgs(family: str, first_conv: str, classifier: str) -> dict:
-    """timm ``DefaultCfg`` objects for every architecture of ``family``, default tag first."""
+def default_cfgs(family: str, first_conv: str, classifier: str, feature_stride: int) -> dict:
+    """timm ``DefaultCfg`` objects for every architecture of ``family``, default tag first.
+
+    ``feature_stride``: the family's output stride (input size over final feature-map size).
+    """
     from timm.models import generate_default_cfgs
 
     manifest = _manifest()
@@ -136,11 +153,11 @@ def default_cfgs(family: str, first_conv: str, classifier: str) -> dict:
         if model["family"] != family:
             continue
         if not model["weights"]:
-            cfgs[arch] = _timm_cfg({"pretrained_cfg": {}, "sources": [], "license": "", "training": ""}, base)
+            cfgs[arch] = _timm_cfg(None, base, feature_stride)
             continue
         tags = [model["default_tag"]] + [t for t in model["weights"] if t != model["default_tag"]]
         for tag in tags:
-            cfgs[f"{arch}.{tag}"] = _timm_cfg(model["weights"][tag], base)
+            cfgs[f"{arch}.{tag}"] = _timm_cfg(model["weights"][tag], base, feature_stride)
     return generate_default_cfgs(cfgs)
 
 

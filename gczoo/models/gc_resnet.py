@@ -12,15 +12,15 @@ before the last residual block of c4; it lives at ``layer3.<last>.pre_block``.
 Architectures and their pretrained cfgs come from ``weights_manifest.json`` through
 :mod:`gczoo.registry`, which registers them with timm at import.
 """
-from __future__ import annotations
-
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from timm.layers import create_classifier
-from timm.models import build_model_with_cfg
+from timm.layers import DropPath, create_classifier
+from timm.models import build_model_with_cfg, checkpoint_seq, model_entrypoint
+from timm.models._features import feature_take_indices
+from timm.models.resnet import drop_blocks
 from torchvision.ops import FrozenBatchNorm2d
 
 from .. import registry
@@ -58,13 +58,17 @@ def frozen_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]
     """``(scale, shift)`` when ``norm`` is a fixed per-channel affine map ``x * scale + shift``, else ``None``.
 
     That holds for torchvision's ``FrozenBatchNorm2d`` and for an ``nn.BatchNorm2d`` in eval
-    mode with running statistics (``y = (x - mean) / sqrt(var + eps) * weight + bias``).
-    Subclasses and other norm layers are not trusted to compute the same map.
+    mode with running statistics (``y = (x - mean) / sqrt(var + eps) * weight + bias``). The
+    check is structural: any module whose ``forward`` is one of these two (a subclass that keeps
+    it, such as the detection models' ``FrozenParamBatchNorm2d``) computes that map from its
+    ``weight``, ``bias``, running statistics and ``eps``; a subclass with its own ``forward``
+    (e.g. BatchNorm + activation) or another norm layer is not trusted to.
     """
-    if type(norm) is nn.BatchNorm2d:
+    forward = type(norm).forward
+    if forward is nn.modules.batchnorm._BatchNorm.forward and isinstance(norm, nn.BatchNorm2d):
         if norm.training or norm.running_var is None:
             return None
-    elif type(norm) is not FrozenBatchNorm2d:
+    elif forward is not FrozenBatchNorm2d.forward:
         return None
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
@@ -84,18 +88,20 @@ def _known_true(cond) -> bool:
 
 
 class Bottleneck(nn.Module):
-    """torchvision's bottleneck (stride on the 3x3 conv) with two optional extras.
+    """torchvision's bottleneck (stride on the 3x3 conv) with optional extras.
 
     ``context_block`` runs on the output of ``bn3`` before the residual addition (GCNet's
     "after conv3" placement); ``pre_block`` runs on the block's input (used by the ablation
-    rows that insert one block between residual blocks).
+    rows that insert one block between residual blocks). ``drop_block`` (after ``bn2``) and
+    ``drop_path`` (on the residual branch) are timm's regularisers, placed as in timm's ResNet.
 
     With a :class:`~gczoo.blocks.ContextBlock` in eval mode and ``bn3`` a BatchNorm with
     running statistics (or a ``FrozenBatchNorm2d``), ``bn3(conv3(h))`` is a per-position
     affine map of ``h``: the block then computes its context from ``h``, which has 4x fewer
     channels, or from ``conv3(h)`` before bn3 when that reads less memory
     (:meth:`~gczoo.blocks.ContextBlock.context_of_affine`). The result equals running bn3 and
-    the GC block one after the other; training mode and other norm layers take that plain route.
+    the GC block one after the other; training mode and other norm layers take that plain route,
+    and so do TorchScript and torch.fx symbolic tracing, whose graphs then hold plain modules.
 
     ``dilation`` dilates the 3x3 conv (padding = dilation), as in dilated ResNets for
     segmentation (:mod:`gczoo.models.segmentation`).
@@ -106,7 +112,8 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, context_block: Optional[nn.Module] = None,
                  pre_block: Optional[nn.Module] = None, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d, dilation: int = 1):
+                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d,
+                 drop_block: Optional[nn.Module] = None, drop_path: Optional[nn.Module] = None, dilation: int = 1):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         outplanes = planes * self.expansion
@@ -116,21 +123,35 @@ class Bottleneck(nn.Module):
         self.conv2 = conv2_layer(width, width, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
                                  bias=False)
         self.bn2 = norm_layer(width)
+        self.drop_block = drop_block
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
         self.bn3 = norm_layer(outplanes)
         self.context_block = context_block
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = drop_path
 
-    def _bn3_and_context(self, h: torch.Tensor, gc: ContextBlock, scale: torch.Tensor,
-                         shift: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _folded_bn3(self, h: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """bn3 as ``(scale, shift)`` when the eval-mode route applies to input ``h``, else ``None``.
+
+        Not under torch.fx symbolic tracing (``h`` a Proxy): its size test and the fold are
+        Python-side decisions a graph cannot hold. TorchScript never calls it.
+        """
+        if self.training or not isinstance(self.context_block, ContextBlock) or isinstance(h, torch.fx.Proxy):
+            return None
+        return frozen_affine(self.bn3)
+
+    @torch.jit.unused
+    def _bn3_and_context(self, h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """``gc(bn3(conv3(h)))`` with the context taken through bn3 folded to ``(scale, shift)`` (eval mode only).
 
         bn3 itself still produces the main path, so a GC block whose transform is zero leaves
         the bottleneck's output bit for bit as without it (a GC-ready checkpoint gives exactly
         its source ResNet's logits); only the context, which reaches the output through the
-        transform, is computed by the fold.
+        transform, is computed by the fold. (In eval mode drop_path is the identity.)
         """
+        gc = self.context_block
         weight = self.conv3.weight.flatten(1)
         out_ch, in_ch = weight.shape
         positions = h.shape[0] * h.shape[2] * h.shape[3]  # sizes, not numel(): ints under jit tracing too
@@ -153,15 +174,21 @@ class Bottleneck(nn.Module):
             x = self.pre_block(x)
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        gc = self.context_block
-        affine = frozen_affine(self.bn3) if isinstance(gc, ContextBlock) and not self.training else None
+        out = self.bn2(self.conv2(out))
+        if self.drop_block is not None:
+            out = self.drop_block(out)
+        out = self.relu(out)
+        affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if not torch.jit.is_scripting():
+            affine = self._folded_bn3(out)
         if affine is not None:
-            out = self._bn3_and_context(out, gc, *affine)
+            out = self._bn3_and_context(out, affine[0], affine[1])
         else:
             out = self.bn3(self.conv3(out))
-            if gc is not None:
-                out = gc(out)
+            if self.context_block is not None:
+                out = self.context_block(out)
+            if self.drop_path is not None:
+                out = self.drop_path(out)
         out += shortcut
         return self.relu(out)
 
@@ -185,6 +212,14 @@ class GCResNet(nn.Module):
         conv2_layer, conv2_stages: the 3x3 conv of every bottleneck in ``conv2_stages`` is built
             by ``conv2_layer`` (``nn.Conv2d``'s signature), e.g. a deformable conv in c3-c5.
         num_classes, in_chans, global_pool, drop_rate: as in timm.
+        drop_path_rate: stochastic depth, rising linearly from 0 at the first bottleneck to this
+            rate at the last (timm's ResNet rule).
+        drop_block_rate: DropBlock in c4 and c5 (timm's ResNet: block sizes 5 and 3).
+        stem_feature: list the stem's output (``relu``, stride 2) as ``feature_info[0]`` before
+            c2..c5, as timm's ResNet does; models built by timm (``timm.create_model``,
+            :func:`gczoo.create_model`) have it, and ``features_only=True`` still gives c2..c5
+            unless ``out_indices`` says otherwise. Off by default for bodies whose every
+            ``feature_info`` entry feeds an FPN (the detection builder).
     """
 
     def __init__(self, layers: Sequence[int], groups: int = 1, base_width: int = 64, num_classes: int = 1000,
@@ -193,12 +228,14 @@ class GCResNet(nn.Module):
                  gc_pooling: str = "att", gc_fusion: Union[str, Sequence[str]] = "add",
                  stage_blocks: Optional[Dict[Union[int, str], str]] = None,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d, conv2_stages: Union[None, str, Sequence] = ()):
+                 conv2_layer: Callable[..., nn.Module] = nn.Conv2d, conv2_stages: Union[None, str, Sequence] = (),
+                 drop_path_rate: float = 0.0, drop_block_rate: float = 0.0, stem_feature: bool = False):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 stage depths, got {layers!r}")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         self.gc_stages = parse_stages(gc_stages)
         conv2_stages = parse_stages(conv2_stages)
         gc_kw = dict(ratio=gc_ratio, pooling=gc_pooling, fusion=gc_fusion)
@@ -212,9 +249,11 @@ class GCResNet(nn.Module):
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.feature_info: List[dict] = []
+        self.stem_feature = stem_feature
+        self.feature_info: List[dict] = [dict(num_chs=64, reduction=2, module="relu")] if stem_feature else []
         inplanes = 64
-        for i, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+        total_blocks, block_index = sum(layers), 0
+        for i, (depth, planes, drop_block) in enumerate(zip(layers, (64, 128, 256, 512), drop_blocks(drop_block_rate))):
             stage = i + 2
             stride = 1 if stage == 2 else 2
             outplanes = planes * Bottleneck.expansion
@@ -229,15 +268,20 @@ class GCResNet(nn.Module):
                 if stage in extra and j == depth - 1:
                     kind = extra[stage]
                     pre = ContextBlock(inplanes, **gc_kw) if kind == "gc" else _STAGE_BLOCKS[kind](inplanes)
+                drop_prob = drop_path_rate * block_index / max(total_blocks - 1, 1)
                 blocks.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, downsample, groups, base_width,
                                          context_block=gc, pre_block=pre, norm_layer=norm_layer,
-                                         conv2_layer=conv2_layer if stage in conv2_stages else nn.Conv2d))
+                                         conv2_layer=conv2_layer if stage in conv2_stages else nn.Conv2d,
+                                         drop_block=drop_block() if drop_block is not None else None,
+                                         drop_path=DropPath(drop_prob) if drop_prob > 0 else None))
                 inplanes = outplanes
+                block_index += 1
             name = STAGE_NAMES[stage]
             self.add_module(name, nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=outplanes, reduction=2 ** stage, module=name))
-        self.num_features = self.head_hidden_size = inplanes
+        self.num_features = inplanes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -253,15 +297,89 @@ class GCResNet(nn.Module):
                 m.reset_parameters()
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        """Parameter groups for timm's layer-wise LR decay: the stem, then each bottleneck (each stage if ``coarse``)."""
+        return dict(stem=r"^conv1|^bn1|^maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each bottleneck in the backward pass instead of storing its activations (timm's ``checkpoint_seq``)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new ``num_classes`` head (0: none); ``global_pool`` ``None`` keeps the current pooling, ``""`` removes it."""
         self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        device = self.conv1.weight.device
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool.to(device).train(self.training)
+        self.fc.to(device).train(self.training)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The final features and the intermediates at ``indices`` of ``feature_info`` (timm's interface).
+
+        With ``stem_feature`` index 0 is the stem (stride 2) and 1..4 are c2..c5, as in timm's
+        ResNet; without, 0..3 are c2..c5. ``indices``: an int takes the last n, a sequence those
+        indices, ``None`` all. ``norm`` has no effect (no final norm); ``stop_early`` runs only
+        the stages needed; only NCHW output.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"GCResNet intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        first_stage = int(self.stem_feature)  # feature_info index of c2
+        intermediates = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.stem_feature and 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if stop_early:
+            stages = stages[:max_index + 1 - first_stage]
+        for index, stage in enumerate(stages, start=first_stage):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if index in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and the head); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        kept_stages = max_index + 1 - int(self.stem_feature)
+        for name in ("layer1", "layer2", "layer3", "layer4")[kept_stages:]:
+            setattr(self, name, nn.Sequential())  # empty Sequential: still iterable by checkpoint_seq
+        if kept_stages == 0:
+            self.maxpool = nn.Identity()
+        if max_index < len(self.feature_info) - 1:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
@@ -270,7 +388,7 @@ class GCResNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,11 +398,17 @@ class GCResNet(nn.Module):
 def build(variant: str, pretrained: bool = False, **kwargs) -> GCResNet:
     """Build through timm's ``build_model_with_cfg`` (pretrained cfg, features_only, pretrained loading).
 
-    ``features_only=True`` gives c2..c5 (strides 4, 8, 16, 32) by default.
+    ``feature_info`` lists the stem and c2..c5, as timm's ResNet; ``features_only=True`` gives
+    c2..c5 (strides 4, 8, 16, 32) by default; ``out_indices`` index ``feature_info`` (0: the stem).
     """
-    return build_model_with_cfg(GCResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+    kwargs.setdefault("stem_feature", True)
+    out_indices = (1, 2, 3, 4) if kwargs["stem_feature"] else (0, 1, 2, 3)
+    return build_model_with_cfg(GCResNet, variant, pretrained, feature_cfg=dict(out_indices=out_indices), **kwargs)
 
 
 #: timm pretrained cfgs of every gc_resnet architecture, generated from the manifest.
-default_cfgs = registry.default_cfgs("gc_resnet", first_conv="conv1", classifier="fc")
+default_cfgs = registry.default_cfgs("gc_resnet", first_conv="conv1", classifier="fc", feature_stride=32)
 registry.register_timm_models(__name__, "gc_resnet")
+# timm's register_model lists each entrypoint in this module's __all__ (as for its own model
+# modules); bind them here too, so that star-imports and ``gc_resnet.<arch>(...)`` work.
+globals().update({name: model_entrypoint(name) for name in __all__ if name not in globals()})

@@ -36,17 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's gczoo and eval.common
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from gczoo.registry import model_entry, split_name, weights_entry
 
-from eval import common  # noqa: E402
-from eval.common import BadInput  # noqa: E402
-from gczoo.registry import model_entry, split_name, weights_entry  # noqa: E402
+if __package__:  # imported as eval.<script> (the tests)
+    from . import common
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import common
+
+BadInput = common.BadInput
 
 FAMILY = "segmentation"
 TASKS = {"cityscapes": "cityscapes-val", "ade20k": "ade20k-val"}

@@ -282,6 +282,32 @@ def _demo_video(model, name: str, loaded: bool, args: argparse.Namespace) -> int
     return 0
 
 
+def _demo_segmentation(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+    """Per-pixel classes at the picture's own size, coloured over it and saved as a PNG."""
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    picture = _demo_input(args)
+    mean, std = (torch.tensor(model.pretrained_cfg[k]).view(3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        labels = model(((picture.float() / 255 - mean) / std)[None])["out"][0].argmax(0)
+    classes = model.meta["classes"]
+    area = torch.bincount(labels.flatten(), minlength=len(classes))
+    present = area.nonzero().flatten().tolist()
+    print(f"forward pass: image {tuple(picture.shape)} -> {len(classes)}-class map {tuple(labels.shape)} "
+          f"({model.meta['dataset']}), {len(present)} classes present"
+          + ("" if loaded else " (random weights: these classes mean nothing)"))
+    for i in sorted(present, key=lambda i: -int(area[i]))[:5]:
+        print(f"  {int(area[i]) / labels.numel():.3f}  {classes[i]}")
+    palette = torch.randint(0, 256, (len(classes), 3), generator=torch.Generator().manual_seed(0)).tolist()
+    masks = labels[None] == torch.tensor(present)[:, None, None]
+    drawn = draw_segmentation_masks(picture, masks, alpha=0.6, colors=[tuple(palette[i]) for i in present])
+    out = args.out or Path(f"gczoo-demo-{name}.png")
+    _save_png(drawn, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _detection_kwargs(args: argparse.Namespace) -> dict:
     """``--min-size``: the shorter image side, the longer one capped in mmdetection's 800:1333 ratio."""
     return {} if args.min_size is None else dict(min_size=args.min_size, max_size=round(args.min_size * 1333 / 800))
@@ -302,6 +328,7 @@ DEMOS: Dict[str, Demo] = {
     "timm": Demo(_demo_classifier),
     "maskrcnn": Demo(_demo_detection, _detection_kwargs),
     "slowonly": Demo(_demo_video),
+    "segmentation": Demo(_demo_segmentation),
 }
 
 

@@ -53,20 +53,24 @@ def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says(
 
 def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
     """A classifier without weights in the zoo (top-5, exit 0), a detection model whose weights cannot be
-    fetched offline (detections drawn on the picture, saved as PNG, with the command line's advice), and a
-    video model (a static clip, top-5 class indices)."""
-    png = tmp_path / "detections.png"
+    fetched offline (detections drawn on the picture, saved as PNG, with the command line's advice), a
+    video model (a static clip, top-5 class indices) and a segmentation model whose weights cannot be fetched
+    offline (a coloured class map saved as PNG)."""
+    png, seg_png, small = tmp_path / "detections.png", tmp_path / "segmentation.png", tmp_path / "small.png"
+    Image.new("RGB", (48, 32), (120, 60, 200)).save(small)
     script = textwrap.dedent(f"""
         from gczoo.cli import main
         print("exit", main(["demo", "--model", "resnet50_nl_c4"]), flush=True)
         print("exit", main(["demo", "--model", "maskrcnn_resnet50_fpn", "--out", {str(png)!r}, "--min-size", "160"]),
               flush=True)
-        print("exit", main(["demo", "--model", "slowonly_resnet50_gc5"]))
+        print("exit", main(["demo", "--model", "slowonly_resnet50_gc5"]), flush=True)
+        print("exit", main(["demo", "--model", "gcnet_resnet50_d8.mmseg_ade20k_512x512_80k", "--image", {str(small)!r},
+                            "--out", {str(seg_png)!r}]))
     """)
     out = _run("-c", script, env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
-    nl, det, video = out.stdout.split("exit 0\n")[:3]
-    assert out.stdout.count("exit 0\n") == 3
+    nl, det, video, seg = out.stdout.split("exit 0\n")[:4]
+    assert out.stdout.count("exit 0\n") == 4
     assert "== resnet50_nl_c4: no weights in the zoo, so this run uses random initialisation" in nl
     top = nl.split("top-5 ImageNet classes (random weights: these classes mean nothing):\n", 1)[1].splitlines()
     probs = [float(line.split()[0]) for line in top]
@@ -83,6 +87,11 @@ def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
     assert "static clip (1, 3, 8, 224, 224) (the picture repeated over 8 frames) -> logits (1, 400)" in video
     top = video.split("top-5 Kinetics-400 class indices (random weights: these classes mean nothing):\n", 1)[1]
     assert len(top.splitlines()) == 5
+
+    assert "cannot obtain weights gcnet_resnet50_d8.mmseg_ade20k_512x512_80k" in seg
+    assert "-> 150-class map (32, 48) (ade20k)" in seg and "(random weights: these classes mean nothing)" in seg
+    with Image.open(seg_png) as image:
+        assert image.format == "PNG" and image.size == (48, 32)
 
 
 def test_eval_script_without_its_extra_names_the_install_line_and_exits_2(tmp_path):

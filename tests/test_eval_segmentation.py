@@ -7,7 +7,6 @@ computed here from the same model's predictions.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import gczoo
+from eval import common, segmentation
+from mmseg_layout import mmseg_state_dict, write_checkpoint
 
-import gczoo  # noqa: E402
-from eval import common, segmentation  # noqa: E402
-from mmseg_layout import mmseg_state_dict, write_checkpoint  # noqa: E402
 
 H, W = 24, 40
 CITYSCAPES = "gcnet_resnet50_d8.mmseg_cityscapes_512x1024_40k"

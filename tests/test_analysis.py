@@ -141,6 +141,15 @@ def test_every_model_family():
     results = query_independence(video, torch.rand(1, 3, 2, 32, 32))
     assert [r.positions for r in results] == [2 * 4 * 4] * 2 + [2 * 2 * 2] * 3
     assert all(r.kind == "nl" and 0 <= r.attention <= 2 for r in results)
+    # segmentation heads (one bottleneck per stage): the NL head (scaled logits) in sliding-window mode,
+    # where the block runs once per window (2 x 2 windows here), and the GC head in whole-image mode
+    for name, kind in (("nonlocal_resnet50_d8.mmseg_cityscapes_769x769_40k", "nl"),
+                       ("gcnet_resnet50_d8.mmseg_cityscapes_512x1024_40k", "gc")):
+        kwargs = dict(crop_size=(40, 40), stride=(24, 24)) if kind == "nl" else {}
+        segmenter = gczoo.create_model(name, layers=(1, 1, 1, 1), **kwargs).eval()
+        (r,) = query_independence(segmenter, image[None])
+        assert r.kind == kind and r.name.startswith("classifier.") and 0 < r.input < 2
+        assert (0 <= r.attention <= 2) if kind == "nl" else r.attention == 0
 
 
 def test_cli_writes_table_and_figure(tmp_path, capsys, monkeypatch):

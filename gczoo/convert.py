@@ -9,15 +9,15 @@ instead of a bare ``load_state_dict`` error.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from .weights import WeightsError
+from .weights import WeightsError, load_checkpoint
 
-__all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "mmdet_backbone", "mmdet_maskrcnn",
-           "mmseg_segmentor", "new_head", "torchvision_resnet"]
+__all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "load_pretrained",
+           "mmdet_backbone", "mmdet_maskrcnn", "mmseg_segmentor", "new_head", "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -248,6 +248,23 @@ def _kind(dtype: torch.dtype) -> str:
     if dtype.is_complex:
         return "complex"
     return "bool" if dtype == torch.bool else "integer"
+
+
+def load_pretrained(model: nn.Module, arch: str, overlay: Optional[dict],
+                    filter_fn: Optional[Callable[[StateDict, nn.Module], StateDict]]) -> None:
+    """Load the weights handed to a zoo builder that timm does not drive (detection, segmentation).
+
+    timm's convention, as :func:`gczoo.registry.entrypoint` passes it: ``overlay["state_dict"]``, or
+    else ``overlay["file"]`` read by :func:`gczoo.weights.load_checkpoint`; then ``filter_fn`` (the
+    converter with its strict check) and a strict ``load_state_dict``.
+    """
+    overlay = overlay or {}
+    state_dict = overlay.get("state_dict")
+    if state_dict is None:
+        state_dict = load_checkpoint(overlay["file"], f"{arch} weights")
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
 
 
 def filter_fn(arch: str, tag: str, converter: str, source: str) -> Callable[[StateDict, nn.Module], StateDict]:

@@ -195,18 +195,11 @@ def _verify_checkpoint(label: str, path: Path, upstream: List[dict]) -> Tuple[di
 
 def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     """safetensors file with its metadata in sorted key order (the library writes a hash map, in any order)."""
-    import torch
     from safetensors.torch import save_file
 
-    owned, seen = {}, set()
-    for key, value in tensors.items():  # safetensors stores each tensor on its own: copy only shared/partial storage
-        value = value.detach()
-        storage = value.untyped_storage()
-        if storage.data_ptr() in seen or not value.is_contiguous() or storage.nbytes() != value.nbytes:
-            value = value.clone(memory_format=torch.contiguous_format)
-        seen.add(storage.data_ptr())
-        owned[key] = value
-    save_file(owned, str(path), metadata=metadata)
+    from .weights import storable
+
+    save_file(storable(tensors), str(path), metadata=metadata)
     with open(path, "r+b") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))

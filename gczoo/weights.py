@@ -99,6 +99,7 @@ __all__ = [
     "pin",
     "digests_from",
     "export",
+    "storable",
     "verify_file",
     "offline",
 ]
@@ -697,6 +698,23 @@ def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[
     return dict(obj)
 
 
+def storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors can save them: each alone in a storage it fills.
+
+    Tensors sharing a storage (tied weights), non-contiguous ones and views into a larger
+    storage are cloned; the others are kept as they are (detached, no copy).
+    """
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach()
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen or not value.is_contiguous() or storage.nbytes() != value.nbytes:
+            value = value.clone(memory_format=torch.contiguous_format)
+        seen.add(storage.data_ptr())
+        out[key] = value
+    return out
+
+
 def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str, str]) -> None:
     """Load a downloaded pickle checkpoint safely and write its state dict atomically as safetensors.
 
@@ -711,16 +729,8 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
         raise type(err)(f"{err}; the file was removed from the cache") from err.__cause__
 
     try:
-        tensors, seen = {}, set()
-        for key, value in obj.items():
-            value = value.detach()
-            storage = value.untyped_storage()
-            if storage.data_ptr() in seen or not value.is_contiguous() or storage.nbytes() != value.nbytes:
-                value = value.clone(memory_format=torch.contiguous_format)
-            seen.add(storage.data_ptr())
-            tensors[key] = value
         with atomic_path(dest) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+            save_file(storable(obj), tmp, metadata={"format": "pt", **metadata})
     except Exception as err:  # e.g. out of memory or disk space: the pickle must not stay behind
         src.unlink()
         raise WeightsError(

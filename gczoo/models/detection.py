@@ -31,7 +31,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .. import registry
-from ..weights import load_checkpoint
+from ..convert import load_pretrained
 from .cascade import CascadeRoIHeads
 from .gc_resnet import GCResNet
 from .mmdet_ops import (COCO_CATEGORIES, COCO_CATEGORY_IDS, MASK_THRESHOLD, MMDET_MEAN, MMDET_STD, DeformConv2dPack,
@@ -149,11 +149,5 @@ def build(arch: str, pretrained: bool = False, *, pretrained_cfg: Any = None,
     model.pretrained_cfg = dict(architecture=arch, tag=tag, input_size=(3, model.transform.min_size[-1], model.transform.max_size),
                                 mean=tuple(model.transform.image_mean), std=tuple(model.transform.image_std))
     if pretrained:
-        overlay = pretrained_cfg_overlay or {}
-        state_dict = overlay.get("state_dict")
-        if state_dict is None:
-            state_dict = load_checkpoint(overlay["file"], f"{arch} weights")
-        if pretrained_filter_fn is not None:
-            state_dict = pretrained_filter_fn(state_dict, model)
-        model.load_state_dict(state_dict, strict=True)
+        load_pretrained(model, arch, pretrained_cfg_overlay, pretrained_filter_fn)
     return model

@@ -37,7 +37,7 @@ from torch import nn
 from .. import registry
 from ..blocks import ContextBlock, NonLocalBlock
 from ..manifest import load_manifest
-from ..weights import load_checkpoint
+from ..convert import load_pretrained
 from .gc_resnet import Bottleneck
 
 __all__ = ["DilatedResNetV1c", "ContextHead", "FCNHead", "SegmentationModel", "sliding_windows", "build"]
@@ -241,11 +241,5 @@ def build(arch: str, pretrained: bool = False, *, pretrained_cfg: Any = None,
     model.meta = {"dataset": test["dataset"], "classes": dataset_classes(test["dataset"]) if same_classes else None,
                   "test_scale": tuple(test["test_scale"]), "keep_ratio": test["keep_ratio"]}
     if pretrained:
-        overlay = pretrained_cfg_overlay or {}
-        state_dict = overlay.get("state_dict")
-        if state_dict is None:
-            state_dict = load_checkpoint(overlay["file"], f"{arch} weights")
-        if pretrained_filter_fn is not None:
-            state_dict = pretrained_filter_fn(state_dict, model)
-        model.load_state_dict(state_dict, strict=True)
+        load_pretrained(model, arch, pretrained_cfg_overlay, pretrained_filter_fn)
     return model

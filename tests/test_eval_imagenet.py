@@ -182,7 +182,7 @@ def test_bad_inputs_exit_with_2_and_name_the_problem(valset, tmp_path, capsys):
         (foreign / wnid).mkdir(parents=True)
     bad(*_args(valset, foreign), says="not ImageNet-1k synsets: n99999999")
 
-    bad("--model", "resnet50_gc_r4", "--data", valset["folders"], says="resnet50_gc_r4 has no ImageNet weights")
+    bad("--model", "resnet50_gc_r4", "--data", valset["folders"], says="resnet50_gc_r4 has no ImageNet-1k weights with a published number")
     bad("--model", "resnet50_gc_r16.no_such_tag", "--data", valset["folders"], says="Unknown weights tag")
     bad(*_args(valset, valset["flat"], "--ground-truth", valset["devkit"] / "missing.txt"), says="missing.txt")
 

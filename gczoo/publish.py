@@ -38,14 +38,22 @@ _SOURCE_HOMES = (
     ("timm results-imagenet.csv", "https://github.com/huggingface/pytorch-image-models/blob/main/results/results-imagenet.csv"),
     ("mmdetection's GCNet model zoo README", "https://github.com/open-mmlab/mmdetection/blob/2.x/configs/gcnet/README.md"),
     ("GCNet (Cao et al.", "https://arxiv.org/abs/1904.11492"),
+    ("mmsegmentation configs/gcnet/metafile.yaml",
+     "https://github.com/open-mmlab/mmsegmentation/blob/main/configs/gcnet/metafile.yaml"),
+    ("mmsegmentation configs/nonlocal_net/metafile.yaml",
+     "https://github.com/open-mmlab/mmsegmentation/blob/main/configs/nonlocal_net/metafile.yaml"),
 )
 #: model-index description of each manifest task: (task type, task name, dataset type, dataset name, split, hub dataset).
 _TASKS = {
     "imagenet-1k": ("image-classification", "Image Classification", "imagenet-1k", "ImageNet-1k", "validation",
                     "imagenet-1k"),
     "coco-2017-val": ("object-detection", "Object Detection", "coco", "COCO 2017", "validation", "coco"),
+    "cityscapes-val": ("image-segmentation", "Semantic Segmentation", "cityscapes", "Cityscapes", "validation",
+                       "cityscapes"),
+    "ade20k-val": ("image-segmentation", "Semantic Segmentation", "ade20k", "ADE20K", "validation", "ade20k"),
 }
-_METRICS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "box_ap": "box AP", "mask_ap": "mask AP"}
+_METRICS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "box_ap": "box AP", "mask_ap": "mask AP",
+            "miou": "mIoU", "miou_ms_flip": "mIoU (multi-scale + flip)"}
 _LICENSES = {"apache-2.0", "bsd-3-clause", "mit", "cc-by-4.0"}
 
 

@@ -298,3 +298,35 @@ def test_gcify_basic_block_after_bn2_before_the_residual_addition(image):
         assert (block.context_block(y) - y).abs().max() > 1e-3  # the trained GC block does something
         torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
     assert sum(isinstance(m, gczoo.ContextBlock) for m in model.modules()) == 8
+
+
+def test_segmentation_tag_published_and_loaded_by_name(hub, file_server, manifest_copy, tmp_path):
+    """A segmentation tag: published from its (served) upstream file, its card's model-index holds both mIoUs,
+    and the repo loaded by name gives the upstream file's logits."""
+    from mmseg_layout import mmseg_state_dict, write_checkpoint as write_mmseg_checkpoint
+
+    arch, tag = "gcnet_resnet50_d8", "mmseg_cityscapes_512x1024_40k"
+    pth = write_mmseg_checkpoint(Path(file_server.root) / "gcnet_synthetic.pth", mmseg_state_dict("gc", 50, 19))
+    digest = hashlib.sha256(pth.read_bytes()).hexdigest()
+
+    def edit(data):
+        data["models"][arch]["weights"][tag]["sources"] = [
+            {"type": "url", "url": f"{file_server.url}/{pth.name}", "format": "pickle", "sha256": digest,
+             "sha256_prefix": digest[:8]}]
+
+    manifest_copy(edit)
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = gczoo.create_model(f"{arch}.{tag}", pretrained=True).eval()(x)["out"]
+    folder = publish(f"{arch}.{tag}", tmp_path / "out", progress=False)
+    assert json.loads((folder / "config.json").read_text()) == {
+        "architecture": arch, "family": "segmentation", "tag": tag, "gczoo_version": gczoo.__version__}
+    card = ModelCard.load(folder / "README.md")
+    entry = load_manifest()["models"][arch]["weights"][tag]
+    assert card.data.pipeline_tag == "image-segmentation"
+    assert sorted((r.metric_type, r.metric_value) for r in card.data.eval_results) == sorted(
+        (k, v) for m in entry["metrics"] for k, v in metric_numbers(m).items())
+    _serve_repo(hub, folder, f"gczoo/{folder.name}")
+    with torch.no_grad():
+        hosted = gczoo.create_model(f"hf-hub:gczoo/{folder.name}", pretrained=True).eval()(x)["out"]
+    torch.testing.assert_close(hosted, expected, rtol=0, atol=0)

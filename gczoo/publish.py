@@ -175,24 +175,21 @@ def _upstream_sha256(path: Path) -> str:
 
 
 def _verify_checkpoint(label: str, path: Path, upstream: List[dict]) -> Tuple[dict, str]:
-    from .weights import _TRUE, WeakPinError, WeightsError, WeightsIntegrityError, sha256_of
+    from .weights import WeakPinError, WeightsError, WeightsIntegrityError, allow_prefix_only, matching_source, sha256_of
 
     if not path.is_file():
         raise WeightsError(f"{label}: no checkpoint file at {path}")
     digest = sha256_of(path)
-    prefix_only_allowed = os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE
-    for source in upstream:
-        pinned, prefix = source.get("sha256"), source.get("sha256_prefix")
-        if pinned and digest == pinned:
-            return source, digest
-        if not pinned and prefix and digest.startswith(prefix):
-            if prefix_only_allowed:
-                return source, digest
-            raise WeakPinError(
-                f"{label}: {path.name} matches only the hash prefix {prefix} of {source['url']} "
-                f"({4 * len(prefix)} bits, forgeable), and a published file would turn that into a full pin. "
-                "Publish without --checkpoint (downloaded from the origin), pin the upstream sha256 first "
-                f"(`gczoo pin {label} --confirm SHA256`), or accept the risk with GCZOO_ALLOW_PREFIX_ONLY=1.")
+    source, by_prefix = matching_source(upstream, digest)
+    if source is not None and (not by_prefix or allow_prefix_only()):
+        return source, digest
+    if source is not None:
+        prefix = source["sha256_prefix"]
+        raise WeakPinError(
+            f"{label}: {path.name} matches only the hash prefix {prefix} of {source['url']} "
+            f"({4 * len(prefix)} bits, forgeable), and a published file would turn that into a full pin. "
+            "Publish without --checkpoint (downloaded from the origin), pin the upstream sha256 first "
+            f"(`gczoo pin {label} --confirm SHA256`), or accept the risk with GCZOO_ALLOW_PREFIX_ONLY=1.")
     checkable = [s.get("sha256") or s.get("sha256_prefix") for s in upstream if s.get("sha256") or s.get("sha256_prefix")]
     if not checkable:
         raise WeightsError(f"{label}: no upstream source has a pinned sha256 to check {path.name} against; "

@@ -101,6 +101,8 @@ __all__ = [
     "export",
     "storable",
     "verify_file",
+    "matching_source",
+    "allow_prefix_only",
     "offline",
 ]
 
@@ -304,20 +306,18 @@ def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike)
         raise WeightsError(f"{label}: no weights file at {src}")
     actual = sha256_of(src)
     pinned = [s for s in entry["sources"] if s.get("sha256")]
-    for source in pinned:
-        if source["sha256"] == actual:
-            return f"sha256 {actual} pinned in the manifest for {_describe(source)}"
-    prefixed = [s for s in entry["sources"] if not s.get("sha256") and s.get("sha256_prefix")]
-    for source in prefixed:
-        if actual.startswith(source["sha256_prefix"]):
-            if not _allow_prefix_only():
-                raise WeakPinError(
-                    f"{label}: {src} matches only the hash prefix {source['sha256_prefix']} of {_describe(source)} "
-                    f"({4 * len(source['sha256_prefix'])} bits, forgeable in minutes); the manifest pins no full "
-                    "sha256 for it. Accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1."
-                )
-            return (f"sha256 {actual} starts with {source['sha256_prefix']}, the hash prefix of {_describe(source)} "
-                    "(prefix only: accepted under GCZOO_ALLOW_PREFIX_ONLY)")
+    source, by_prefix = matching_source(entry["sources"], actual)
+    if source is not None and not by_prefix:
+        return f"sha256 {actual} pinned in the manifest for {_describe(source)}"
+    if source is not None:
+        if not allow_prefix_only():
+            raise WeakPinError(
+                f"{label}: {src} matches only the hash prefix {source['sha256_prefix']} of {_describe(source)} "
+                f"({4 * len(source['sha256_prefix'])} bits, forgeable in minutes); the manifest pins no full "
+                "sha256 for it. Accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1."
+            )
+        return (f"sha256 {actual} starts with {source['sha256_prefix']}, the hash prefix of {_describe(source)} "
+                "(prefix only: accepted under GCZOO_ALLOW_PREFIX_ONLY)")
     expected = "; ".join(f"sha256 {s['sha256']} ({_describe(s)})" for s in pinned) or "no full sha256 at all"
     unpinned = [_describe(s) for s in entry["sources"] if not s.get("sha256")]
     if unpinned:
@@ -332,7 +332,21 @@ def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike)
     )
 
 
-def _allow_prefix_only() -> bool:
+def matching_source(sources: list[dict], digest: str) -> tuple[dict | None, bool]:
+    """The source a file of sha256 ``digest`` is: ``(source, False)`` for a pinned full sha256 (searched
+    first), ``(source, True)`` when only an unpinned source's ``sha256_prefix`` matches (weak: the caller
+    decides under :func:`allow_prefix_only`), ``(None, False)`` when none does."""
+    for source in sources:
+        if source.get("sha256") == digest:
+            return source, False
+    for source in sources:
+        if not source.get("sha256") and source.get("sha256_prefix") and digest.startswith(source["sha256_prefix"]):
+            return source, True
+    return None, False
+
+
+def allow_prefix_only() -> bool:
+    """Whether ``GCZOO_ALLOW_PREFIX_ONLY`` opts in to sources checked by a hash prefix alone."""
     return os.environ.get("GCZOO_ALLOW_PREFIX_ONLY", "").strip().lower() in _TRUE
 
 
@@ -491,7 +505,7 @@ def _check_pin_strength(source: dict, url: str, label: str) -> None:
     if source.get("sha256"):
         return
     mirrored, plain = url != source["url"], urlsplit(url).scheme != "https"
-    if not (mirrored or plain) or _allow_prefix_only():
+    if not (mirrored or plain) or allow_prefix_only():
         return
     why = "through GCZOO_MIRROR" if mirrored else "over plain http"
     raise WeakPinError(

@@ -66,25 +66,95 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
     Logits and pooling are two matrix products on a view of ``x``, never a copy: the
     ``(B, C, Np)`` view for NCHW input, the contiguous ``(B, Np, C)`` view for channels_last
     (where the logits become a single matrix-vector product). The softmax runs in fp32 (fp64
-    for fp64 input) whatever the input dtype, also under autocast.
+    for fp64 input) whatever the input dtype, also under autocast. When gradients are
+    recorded, :class:`_AttentionPool`'s hand-written backward replaces autograd's.
     """
     x = x.flatten(3)  # 5-D video features as (B, C, T, H*W); a 4-D x is returned as is
     b, c = x.shape[:2]
     key = mask_weight.reshape(c).to(x.dtype)
     rows_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # (B, Np, C) for channels_last, (B, C, Np) for NCHW: both views
+    flat = x.permute(0, 2, 3, 1).reshape(b, -1, c) if rows_last else x.flatten(2)
+    if not torch.jit.is_scripting() and torch.is_grad_enabled():
+        return _attention_pool_recorded(flat, key, mask_bias, rows_last)
+    return _pool(flat, _attention_weights(flat, key, mask_bias, rows_last), rows_last)
+
+
+def _attention_weights(flat: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor],
+                       rows_last: bool) -> torch.Tensor:
+    """``softmax_j(key . x_j + bias)`` as ``(B, 1, Np)`` in ``flat``'s dtype (softmax in fp32 or fp64)."""
+    b, c = flat.shape[0], key.shape[0]
     if rows_last:
-        flat = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, Np, C), a view
         logits = torch.matmul(flat, key).unsqueeze(1)  # (B, 1, Np)
     else:
-        flat = x.flatten(2)  # (B, C, Np), a view
         # bmm, not matmul: matmul may fold the batch into one mm, which copies an NCHW input
         logits = torch.bmm(key.reshape(1, 1, c).expand(b, 1, c), flat)  # (B, 1, Np)
-    if mask_bias is not None:
-        logits = logits + mask_bias.to(logits.dtype)
-    attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(x.dtype)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(flat.dtype)
+
+
+def _pool(flat: torch.Tensor, attn: torch.Tensor, rows_last: bool) -> torch.Tensor:
+    """``sum_j attn_j x_j`` as ``(B, C)``."""
     if rows_last:
-        return torch.bmm(attn, flat).reshape(b, c)
-    return torch.bmm(flat, attn.transpose(1, 2)).reshape(b, c)
+        return torch.bmm(attn, flat).flatten(1)
+    return torch.bmm(flat, attn.transpose(1, 2)).flatten(1)
+
+
+class _AttentionPool(torch.autograd.Function):
+    """Attention pooling with a backward that reads ``x`` twice and writes its gradient once.
+
+    With ``a = softmax(l)``, ``l_j = k . x_j + b`` and ``g`` the gradient of the pooled
+    context ``sum_j a_j x_j``: ``dL/dl_j = a_j (g . x_j - sum_i a_i g . x_i)``, so
+    ``dL/dx_j = a_j g + (dL/dl_j) k`` -- a rank-2 product, one matrix product for the whole
+    map -- and ``dL/dk = sum_j (dL/dl_j) x_j``. Autograd's generic backward of the two
+    products and the softmax writes two map-sized gradients and adds them.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor],
+                rows_last: bool) -> torch.Tensor:
+        attn = _attention_weights(flat, key, bias, rows_last)
+        ctx.save_for_backward(flat, key, attn)
+        ctx.rows_last = rows_last
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _pool(flat, attn, rows_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        flat, key, attn = ctx.saved_tensors
+        b, c = grad.shape
+        g = grad.to(flat.dtype).unsqueeze(1)  # (B, 1, C)
+        with torch.autocast(flat.device.type, enabled=False):
+            if ctx.rows_last:
+                gx = torch.bmm(flat, g.transpose(1, 2)).transpose(1, 2)  # g . x_j: (B, 1, Np)
+            else:
+                gx = torch.bmm(g, flat)
+            grad_logits = attn * (gx - (attn * gx).sum(-1, keepdim=True))  # (B, 1, Np)
+            grad_flat = grad_key = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                left = torch.cat([g, key.reshape(1, 1, c).expand(b, 1, c)], 1)  # (B, 2, C)
+                right = torch.cat([attn, grad_logits], 1)  # (B, 2, Np)
+                if ctx.rows_last:
+                    grad_flat = torch.bmm(right.transpose(1, 2), left)  # (B, Np, C)
+                else:
+                    grad_flat = torch.bmm(left.transpose(1, 2), right)  # (B, C, Np)
+            if ctx.needs_input_grad[1]:
+                if ctx.rows_last:
+                    grad_key = torch.bmm(grad_logits, flat).sum(0).reshape(c)
+                else:
+                    grad_key = torch.bmm(flat, grad_logits.transpose(1, 2)).sum(0).reshape(c)
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad_logits.sum().reshape(1).to(ctx.bias_dtype)
+        return grad_flat, grad_key, grad_bias, None
+
+
+@torch.jit.unused
+def _attention_pool_recorded(flat: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor],
+                             rows_last: bool) -> torch.Tensor:
+    """:class:`_AttentionPool` (TorchScript keeps autograd's backward of the same forward)."""
+    return _AttentionPool.apply(flat, key, bias, rows_last)
 
 
 def fuse(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],

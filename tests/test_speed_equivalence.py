@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.reference import StraightforwardContextBlock, straightforward_like, swap_context_blocks  # noqa: E402
-from gczoo.blocks import ContextBlock  # noqa: E402
+from gczoo.blocks import ContextBlock, attention_pool  # noqa: E402
 from gczoo.models.gc_resnet import Bottleneck, GCResNet  # noqa: E402
 
 FUSIONS = ("add", "mul", "add+mul")
@@ -93,6 +93,20 @@ def test_context_block_matches_straightforward(pooling, fusion, layout):
     assert isinstance(ref, StraightforwardContextBlock)
     x = torch.randn(3, 64, 9, 7).to(memory_format=LAYOUTS[layout])
     assert_same(forward_backward(block, x), forward_backward(ref, x))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_attention_pool_hand_written_backward(layout):
+    """With gradients recorded the pooling runs as _AttentionPool (one map-sized gradient
+    instead of autograd's two and their sum); its backward passes gradcheck in fp64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 4, dtype=torch.double, generator=g).to(memory_format=LAYOUTS[layout]).requires_grad_()
+    w = torch.randn(1, 8, 1, 1, dtype=torch.double, generator=g, requires_grad=True)
+    b = torch.randn(1, dtype=torch.double, generator=g, requires_grad=True)
+    assert type(attention_pool(x, w, b).grad_fn).__name__ == "_AttentionPoolBackward"
+    assert torch.autograd.gradcheck(attention_pool, (x, w, b))
+    with torch.no_grad():
+        assert attention_pool(x, w, b).grad_fn is None
 
 
 def _bottleneck_pair(norm_layer, fusion, pooling="att"):

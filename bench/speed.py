@@ -106,7 +106,7 @@ def run(args) -> List[dict]:
                 torch.manual_seed(0)
                 model = build(name).to(device=device, memory_format=fmt).train(train)
                 if compiled:
-                    model = torch.compile(model, mode=args.compile_mode)
+                    model = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
                 steps[name] = make_step(model, x, target, train, amp_dtype)
                 t0 = time.perf_counter()
                 for _ in range(args.warmup):
@@ -129,7 +129,8 @@ def environment(args) -> str:
     lines[1] += f", timm {timm.__version__}"
     lines.insert(2, f"batch {args.batch}, {args.size}x{args.size}, {'channels_last' if args.channels_last else 'NCHW'}, "
                     f"amp {args.amp}, rounds {args.rounds} x {args.iters} iters, warm-up {args.warmup}, "
-                    f"compile mode {args.compile_mode if args.compile != 'no' else '-'}")
+                    f"compile mode {args.compile_mode if args.compile != 'no' else '-'}"
+                    f"{'' if args.compile == 'no' or args.compile_backend == 'inductor' else ', backend ' + args.compile_backend}")
     return "\n".join(lines + [load_line()])
 
 
@@ -154,6 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
     p.add_argument("--compile", choices=("no", "yes", "both"), default="no", help="torch.compile the models")
     p.add_argument("--compile-mode", default="default", help='e.g. "reduce-overhead" (CUDA graphs)')
+    p.add_argument("--compile-backend", default="inductor", help='torch.compile backend ("eager": smoke runs)')
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--iters", type=int, default=1, help="steps per model per round")
     p.add_argument("--warmup", type=int, default=3)

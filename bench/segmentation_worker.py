@@ -12,7 +12,8 @@ same normalised input ``(1, 3, H, W)``; one inference goes from that tensor to t
 metas)`` in mmsegmentation (whole image or sliding window, as the mode says).
 
 Protocol (one JSON object per line): the worker prints ``{"ready": ...}`` once loaded, then
-answers each request read from stdin: ``run`` (one inference under ``torch.no_grad``),
+answers each request read from stdin: ``run`` (one inference under ``torch.no_grad``; its wall
+and process CPU seconds),
 ``save PATH`` (the last logits, ``torch.save``), ``memory`` (peak RSS increase, below), ``quit``.
 
 Memory: ``peak_rss_increase_mib`` is the process's peak resident set (``VmHWM``) minus its
@@ -104,10 +105,11 @@ def main(argv=None):
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "run":
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 out = infer(x)
-            reply = {"seconds": time.perf_counter() - t0, "shape": list(out.shape)}
+            reply = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                     "shape": list(out.shape)}
         elif cmd == "save":
             torch.save(out, arg)
             reply = {"saved": arg}

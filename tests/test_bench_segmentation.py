@@ -13,7 +13,7 @@ def test_segmentation_bench_without_oracle_times_the_zoo_alone(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "segmentation.py"), "--oracle-dir", str(missing),
            "--whole-size", "32", "64", "--slide-size", "33", "90", "--crop", "33", "--stride", "24",
            "--rounds", "1", "--warmup", "0", "--threads", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # generous: a loaded 2-core machine
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert f"mmsegmentation oracle: ABSENT (no mmseg_oracle/run.py at {missing}); zoo rows only" in lines
@@ -23,5 +23,5 @@ def test_segmentation_bench_without_oracle_times_the_zoo_alone(tmp_path):
     # windows at x = 0, 24, 48 and 57 of a 90-wide input, crop 33, stride 24 (the last one moved back to end at 90)
     assert [r[:4] for r in rows] == [["whole", "gcnet_r50_d8", "32x64", "1"], ["slide", "gcnet_r50_d8", "33x90", "4"]]
     for r in rows:
-        float(r[4]), float(r[8])  # zoo time and peak memory are numbers
-        assert r[5] == r[6] == r[7] == r[9] == r[10] == "-"  # no mmsegmentation columns without the oracle
+        float(r[4]), float(r[9])  # zoo time and peak memory are numbers
+        assert r[5] == r[6] == r[7] == r[8] == r[10] == r[11] == "-"  # no mmsegmentation columns without the oracle

@@ -23,6 +23,9 @@ segmentation API: ``model(x)`` on a normalised ``(B, 3, H, W)`` batch returns
   windows larger than the image cut to it (no padding), logits summed and divided by the
   number of windows covering each pixel.
 
+Inference (eval mode) runs channels-last, with each BatchNorm folded into the conv before it
+(:func:`conv_norm`; equal to the two steps up to float rounding); training runs the modules.
+
 A weights tag sets ``num_classes``, ``align_corners`` and the test mode from the manifest, so
 ``create_model(NAME.TAG, pretrained=True)(x)["out"]`` is mmsegmentation's ``inference`` output.
 """

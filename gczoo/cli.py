@@ -411,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_list)
     p = sub.add_parser("info", help="show a model card")
     p.add_argument("name", metavar="NAME[.TAG]")
-    p.add_argument("--measure", action="store_true", help="also measure parameters and FLOPs (builds the model)")
+    p.add_argument("--measure", action="store_true", help="count parameters again and measure FLOPs (builds the model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
     p = sub.add_parser("table", help="print, check or write the README's model table")

@@ -64,7 +64,7 @@ part "C train bs128" c_train "${COMMON[@]}" "${TRAIN[@]}" --mode train
     timeout "$PART_TIMEOUT" "$PYTHON" bench/detection.py --device "$DEVICE" --rounds 3 >"$OUT_DIR/d_detection.log" 2>&1 \
       && sed -n '/^|/p' "$OUT_DIR/d_detection.log" || echo "FAILED or timed out, see $OUT_DIR/d_detection.log"
   else
-    echo "D detection images/s against mmdetection: NOT RUN (bench/detection.py has no --device flag in this checkout)."
+    echo "D detection images/s against mmdetection: NOT RUN (bench/detection.py is missing or has no --device flag in this checkout; run it by hand on the GPU machine once it has one)."
   fi
 } >"$TABLE"
 rm -f "$TABLE.rows" "$TABLE.env" "$TABLE.load"

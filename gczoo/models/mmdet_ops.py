@@ -34,6 +34,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, deform_conv2d, roi_align
 
+from .gc_resnet import fixed_affine_norm
+
 try:  # the optional "detection" extra: mmcv resizes 8-bit images with OpenCV
     import cv2
 except ImportError:  # pragma: no cover - exercised by monkeypatching HAVE_OPENCV
@@ -62,6 +64,7 @@ MASK_THRESHOLD = 0.5
 HAVE_OPENCV = cv2 is not None
 
 
+@fixed_affine_norm
 class FrozenParamBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` whose affine ``weight`` and ``bias`` are parameters with
     ``requires_grad=False`` instead of buffers.

@@ -235,6 +235,23 @@ def test_manifest_pins_full_digests_and_the_card_names_prefix_only_sources():
     assert "sha256 prefix cd907fc2 only: weak" in card
 
 
+def test_manifest_sizes_bound_the_torchvision_downloads(file_server, weights_env, monkeypatch):
+    """The byte sizes that public sources state for torchvision's ResNet-50 files (next to the same full
+    sha256) are in the manifest and bound the download: a mirror announcing another size is refused
+    before its body is read."""
+    for tag, size in (("tv_in1k", 102530333), ("tv2_in1k", 102540417)):
+        entry = load_manifest()["models"]["resnet50_gc_r16"]["weights"][tag]
+        source = next(s for s in entry["sources"] if s["type"] == "url")
+        assert source["size"] == size
+        served = file_server.root / "models" / source["url"].rsplit("/", 1)[-1]
+        served.parent.mkdir(exist_ok=True)
+        served.write_bytes(b"x" * 1000)
+        monkeypatch.setenv("GCZOO_MIRROR", file_server.url)
+        with pytest.raises(weights.UnsafeDownloadError, match=f"announces 1000 bytes, the manifest says the file has {size}"):
+            _fetch(source)
+        assert _cache_files() == []
+
+
 # --------------------------------------------------------------------------- 3. resource bombs and deadlines
 
 

@@ -439,7 +439,8 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
             with atomic_path(blob) as partial:
                 try:
                     _download(url, partial, progress, label, source.get("size") or meta.size,
-                              headers=build_hf_headers())
+                              headers=build_hf_headers(),
+                              size_from="the manifest" if source.get("size") else "the hub's metadata")
                 except _Unavailable as err:
                     raise _Unavailable(f"{err}; nothing of it was kept") from err
                 kind, actual = _hub_digest(partial, expected)
@@ -590,14 +591,15 @@ def _download_deadline() -> float:
 
 
 def _download(url: str, partial: Path, progress: bool, label: str, size: int | None = None,
-              headers: Mapping[str, str] | None = None) -> None:
+              headers: Mapping[str, str] | None = None, size_from: str = "the manifest") -> None:
     """Stream ``url`` into ``partial``, resuming what is already there with a Range request.
 
     Attempts go on while each one makes progress (up to ``_MAX_ATTEMPTS``) and the overall
     deadline has not passed; the partial file is left as it is on such failures (the caller
     keeps it to resume later, or removes it). A body beyond the expected size (``size``, else
     ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`) or a compressed one is refused and the
-    partial file removed. ``headers`` are sent too (the hub's user agent and token).
+    partial file removed. ``headers`` are sent too (the hub's user agent and token); ``size_from``
+    names where ``size`` comes from, for the messages.
     The body is read with ``read1`` (whatever has arrived), so a server dripping bytes cannot
     hold a read past the deadline.
     """
@@ -647,10 +649,12 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
                 if size is not None and total is not None and total != size:
                     partial.unlink(missing_ok=True)
                     raise UnsafeDownloadError(
-                        f"{label}: {url} announces {total} bytes, the manifest says the file has {size}; "
+                        f"{label}: {url} announces {total} bytes, {size_from} says the file has {size}; "
                         "refused before downloading it. Nothing was kept."
                     )
                 limit = size or total or MAX_UNSIZED_DOWNLOAD
+                bound = f"size from {size_from}" if size else "Content-Length" if total else \
+                    "the bound for a file of unknown size"
                 with _open_partial(partial, resume, label) as f, tqdm(
                     total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=urlsplit(url).path.rsplit("/", 1)[-1], disable=not progress,
@@ -661,7 +665,7 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
                             partial.unlink(missing_ok=True)
                             raise UnsafeDownloadError(
                                 f"{label}: {url} sent more than the expected {limit} bytes "
-                                f"({'manifest size' if size else 'Content-Length' if total else 'the bound for a file of unknown size'}); "
+                                f"({bound}); "
                                 "the download was stopped and nothing was kept."
                             )
                         f.write(chunk)

@@ -36,38 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
+from bench.common import Worker, environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
 from bench.detection_worker import ROWS  # noqa: E402
 
 DEFAULT_ROWS = ("maskrcnn_resnet50_fpn_gc_r16", "cascade_maskrcnn_resnext101_32x4d_fpn",
                 "cascade_maskrcnn_resnext101_32x4d_fpn_dconv_gc_r16")
 WORKER = Path(__file__).resolve().with_name("detection_worker.py")
-
-
-class Worker:
-    """A ``detection_worker.py`` process: one JSON request, one JSON reply."""
-
-    def __init__(self, python: str, args: List[str]):
-        self.proc = subprocess.Popen([python, str(WORKER), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=ROOT)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.proc.args[1:4]} exited with {self.proc.wait()} (its stderr is above)")
-        return json.loads(line)
-
-    def ask(self, **req) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
-            self.proc.stdin.close()
-            self.proc.wait()
 
 
 def make_checkpoint(oracle_dir: Path, row: str, workdir: Path) -> Path:
@@ -144,13 +118,13 @@ def main(argv=None) -> None:
             try:
                 if have_oracle:
                     ckpt = make_checkpoint(oracle_dir, row, workdir)
-                    workers["zoo"] = Worker(sys.executable, ["zoo", "--row", row, "--checkpoint", str(ckpt)])
-                    workers["mmdet"] = Worker(a.oracle_python, ["mmdet", "--row", row, "--checkpoint", str(ckpt),
+                    workers["zoo"] = Worker(sys.executable, WORKER, ["zoo", "--row", row, "--checkpoint", str(ckpt)])
+                    workers["mmdet"] = Worker(a.oracle_python, WORKER, ["mmdet", "--row", row, "--checkpoint", str(ckpt),
                                                                 "--oracle-dir", str(oracle_dir)])
-                    print(f"versions: zoo {workers['zoo'].info['versions']}; mmdet {workers['mmdet'].info['versions']}",
+                    print(f"versions: zoo {workers['zoo'].ready['versions']}; mmdet {workers['mmdet'].ready['versions']}",
                           flush=True)
                 else:
-                    workers["zoo"] = Worker(sys.executable, ["zoo", "--row", row, "--zoo-kwargs", a.zoo_kwargs])
+                    workers["zoo"] = Worker(sys.executable, WORKER, ["zoo", "--row", row, "--zoo-kwargs", a.zoo_kwargs])
                 for (h, w), image in images.items():
                     replies: Dict[str, List[dict]] = {name: [] for name in workers}
                     for worker in workers.values():

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def image():
-    return torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
 def _publish(hub_server, repo_id, state_dict):
@@ -57,6 +57,8 @@ def test_create_model_pretrained_equals_torchvision_online_then_offline(hub_serv
     assert len(gets) == 1, "the file is downloaded once, then served from the cache"
 
     # Server gone, HF_HUB_OFFLINE=1 from the start of a new process: the cache alone serves.
+    # In the same process (one interpreter start for both), weights that are not in the cache:
+    # the user's uncaught error names the model and says how to prefetch it.
     hub_server.stop()
     torch.save({"image": image, "expected": expected}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
@@ -65,17 +67,12 @@ def test_create_model_pretrained_equals_torchvision_online_then_offline(hub_serv
         model = gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True).eval()
         with torch.no_grad():
             torch.testing.assert_close(model(io["image"]), io["expected"], rtol=0, atol=0)
-        print("offline ok")
+        print("offline ok", flush=True)
+        gczoo.create_model("resnet101_gc_r16.tv2_in1k", pretrained=True)
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and "offline ok" in out.stdout, out.stderr
-
-
-def test_offline_without_cache_says_how_to_prefetch(weights_env, tmp_path):
-    script = "import gczoo; gczoo.create_model('resnet101_gc_r16.tv2_in1k', pretrained=True)"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert "offline ok" in out.stdout, out.stderr
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()
     assert "resnet101_gc_r16" in out.stderr and "gczoo download" in out.stderr

@@ -292,10 +292,10 @@ def test_gcify_basic_block_after_bn2_before_the_residual_addition(image):
 def test_segmentation_tag_published_and_loaded_by_name(hub, file_server, manifest_copy, tmp_path):
     """A segmentation tag: published from its (served) upstream file, its card's model-index holds both mIoUs,
     and the repo loaded by name gives the upstream file's logits."""
-    from mmseg_layout import mmseg_state_dict, write_checkpoint as write_mmseg_checkpoint
+    from mmseg_layout import shared_state_dict, write_checkpoint as write_mmseg_checkpoint
 
     arch, tag = "gcnet_resnet50_d8", "mmseg_cityscapes_512x1024_40k"
-    pth = write_mmseg_checkpoint(Path(file_server.root) / "gcnet_synthetic.pth", mmseg_state_dict("gc", 50, 19))
+    pth = write_mmseg_checkpoint(Path(file_server.root) / "gcnet_synthetic.pth", shared_state_dict("gc", 50, 19))
     digest = hashlib.sha256(pth.read_bytes()).hexdigest()
 
     def edit(data):

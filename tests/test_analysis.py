@@ -132,10 +132,11 @@ def test_every_model_family():
             nn.init.normal_(m.mlp_add.fc2.weight, std=0.1)  # zero-initialised: make the layer add something
     results = query_independence(timm_gc, image[None])
     assert len(results) == 8 and all(r.kind == "gc" and r.attention == 0 and r.output < 1e-20 for r in results)
-    # detection backbone (Mask R-CNN's GC-ResNet + FPN)
-    detector = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16")
+    # detection backbone (Mask R-CNN's GC-ResNet + FPN), one bottleneck per stage: a GC block in each of c3-c5
+    detector = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16", layers=(1, 1, 1, 1))
     results = query_independence(detector.backbone, image[None])
-    assert len(results) == 13 and all(r.kind == "gc" for r in results)
+    assert [r.name for r in results] == [f"body.layer{i}.0.context_block" for i in (2, 3, 4)]
+    assert all(r.kind == "gc" for r in results)
     # video: 5 NL blocks on T*H*W positions
     video = gczoo.create_model("slowonly_resnet50_nl5")
     results = query_independence(video, torch.rand(1, 3, 2, 32, 32))

@@ -24,8 +24,6 @@ Examples (see bench/RESULTS.md)::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,10 +39,10 @@ import timm  # noqa: E402
 import torchvision  # noqa: E402
 
 import gczoo  # noqa: E402
+from bench.common import environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
 from bench.reference import straightforward_like, swap_context_blocks, timm_like  # noqa: E402
 
 MODELS = ("resnet50", "gczoo_body", "resnet50_gc_r16", "straightforward", "timm_gc")
-MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def build(name: str) -> nn.Module:
@@ -116,53 +114,23 @@ def run(args) -> List[dict]:
                 sync(device)
                 print(f"# warm-up {name} {'train' if train else 'infer'} "
                       f"{'compiled' if compiled else 'eager'}: {time.perf_counter() - t0:.1f} s", flush=True)
-            times = {name: [] for name in steps}
-            for r in range(args.rounds):
-                names = list(steps)
-                k = r % len(names)
-                for name in names[k:] + names[:k]:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(args.iters):
-                        steps[name]()
-                    sync(device)
-                    times[name].append((time.perf_counter() - t0) / args.iters)
+            times = interleaved_rounds(steps, args.rounds, args.iters, sync=lambda: sync(device))
             base, body = times.get("resnet50"), times.get("gczoo_body")
             for name, ts in times.items():
-                ratios = [t / b for t, b in zip(ts, base)] if base else [float("nan")]
-                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-                to_body = statistics.median(t / b for t, b in zip(ts, body)) if body else float("nan")
+                to_body = ratio_stats(ts, body)["ratio"]
                 rows.append(dict(mode="train" if train else "infer", compiled=compiled, model=name,
-                                 ms=1e3 * statistics.median(ts), ratio=statistics.median(ratios),
-                                 q25=q[0], q75=q[2], to_body=to_body))
+                                 ms=1e3 * statistics.median(ts), to_body=to_body, **ratio_stats(ts, base)))
             steps.clear()
     return rows
 
 
 def environment(args) -> str:
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name(device)
-    else:
-        dev = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    dev = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    malloc = ", ".join(f"{v}={os.environ[v]}" for v in MALLOC_VARS if v in os.environ) or "unset"
-    return "\n".join([
-        f"device: {args.device} ({dev}); logical CPUs: {os.cpu_count()}; torch threads: {torch.get_num_threads()}",
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-        f"gczoo {gczoo.__version__}, python {platform.python_version()}",
-        f"batch {args.batch}, {args.size}x{args.size}, {'channels_last' if args.channels_last else 'NCHW'}, "
-        f"amp {args.amp}, rounds {args.rounds} x {args.iters} iters, warm-up {args.warmup}, "
-        f"compile mode {args.compile_mode if args.compile != 'no' else '-'}",
-        f"glibc malloc env: {malloc}",
-        f"load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}",
-    ])
+    lines = environment_lines(args.device)
+    lines[1] += f", timm {timm.__version__}"
+    lines.insert(2, f"batch {args.batch}, {args.size}x{args.size}, {'channels_last' if args.channels_last else 'NCHW'}, "
+                    f"amp {args.amp}, rounds {args.rounds} x {args.iters} iters, warm-up {args.warmup}, "
+                    f"compile mode {args.compile_mode if args.compile != 'no' else '-'}")
+    return "\n".join(lines + [load_line()])
 
 
 def table(rows: List[dict]) -> str:

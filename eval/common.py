@@ -137,10 +137,9 @@ def error_message(err: Exception) -> str:
     if isinstance(err, UnknownModelError):
         return f"{err} `gczoo list --pretrained` lists every model and weights tag."
     if isinstance(err, WeightsUnavailableError):
-        return (f"{err.summary()}\nWithout network here: carry over a file whose sha256 the manifest pins (`gczoo "
-                f"info {err.label}` lists each source and its hash; `gczoo download {err.label} --to DIR` on a "
-                "machine with network says whether its copy qualifies) and add --weights-file FILE: it is checked "
-                "against the manifest, so the run still gives PASS/FAIL.")
+        return (f"{err.summary()}\nWithout network here: on a machine with network, `gczoo download {err.label} "
+                "--to DIR` writes the upstream file the manifest pins; carry it over and add --weights-file FILE: "
+                "it is checked against the manifest's hash before use, so the run still gives PASS/FAIL.")
     return str(err)
 
 

@@ -1,9 +1,11 @@
 """Model cards, their measurements, and the README's model table, rendered from the manifest.
 
 Nothing here holds a number of its own: published numbers come from the manifest with
-their sources; parameter counts and FLOPs are measured (:func:`count_params`,
-:func:`count_flops`) on the meta device, and only when asked, because measuring builds the
-model (torch and timm imports included) while a card from the manifest needs neither.
+their sources. Parameter counts are counted on the built model (:func:`count_params`) and
+stored in the manifest (``models.NAME.params``; a test rebuilds every model and checks each
+count), so that cards and the table need no build: building imports torch and timm, seconds
+before the first model. FLOPs (:func:`count_flops`), and the parameters again, are measured
+on the meta device only when asked.
 """
 from __future__ import annotations
 
@@ -69,17 +71,18 @@ def count_flops(model: "torch.nn.Module", input_size: Tuple[int, ...]) -> int:
 def model_info(name: str, measure: bool = True) -> dict:
     """The model card as data: architecture, size, cost, weights with metrics and sources.
 
-    With ``measure``, parameters and FLOPs are measured on the meta device (no memory, no
-    weights): FLOPs with ``torch.utils.flop_counter`` at the default input size, two per
-    multiply-add, so GMACs -- the unit of the paper's "FLOPs" column -- are half of them
-    (detection models: parameters only). Without, those fields are ``None``. An unknown name or
-    weights tag raises :class:`gczoo.UnknownModelError`.
+    ``params`` is the manifest's stored count. With ``measure``, parameters and FLOPs are
+    measured on the meta device instead (no memory, no weights): FLOPs with
+    ``torch.utils.flop_counter`` at the default input size, two per multiply-add, so GMACs -- the
+    unit of the paper's "FLOPs" column -- are half of them (detection models: parameters only);
+    without, the FLOPs fields are ``None``. An unknown name or weights tag raises
+    :class:`gczoo.UnknownModelError`.
     """
     arch, _ = check_name(name)
     model = model_entry(arch)
     manifest = load_manifest()
     input_size = tuple(manifest["defaults"]["pretrained_cfg"]["input_size"])
-    params: Optional[int] = None
+    params: int = model["params"]
     flops: Optional[int] = None
     if measure:
         net = _meta_model(arch)
@@ -123,14 +126,15 @@ def model_card(name: str, measure: bool = False) -> str:
     lines = [info["name"], "=" * len(info["name"]), info["summary"]]
     lines += [f"note: {note}" for note in info["notes"]] + [""]
     lines.append(f"family: {info['family']}; arguments: {info['arch'] or '(timm defaults)'}")
-    sizes = [] if info["params"] is None else [f"{info['params'] / 1e6:.2f}M (measured)"]
+    sizes = [f"{info['params'] / 1e6:.2f}M (measured)" if measure else
+             f"{info['params'] / 1e6:.2f}M (counted on the built model, stored in the manifest)"]
     published = info["published_size"]
     if published:
         sizes.append(f"published {published['params_m']}M" + (f" and {published['gflops']} GFLOPs"
                                                               if "gflops" in published else "")
                      + f" ({published['source']})")
     if not measure:
-        sizes.append(f"`gczoo info {info['name']} --measure` measures them")
+        sizes.append(f"`gczoo info {info['name']} --measure` counts them again and measures FLOPs")
     lines.append("parameters: " + "; ".join(sizes))
     if info["gflops"] is not None:
         lines.append(f"compute at {'x'.join(map(str, info['input_size'][1:]))}: {info['gflops']:.2f} GFLOPs by "
@@ -196,7 +200,7 @@ def model_table() -> str:
     """The README's model table (markdown): one row per weights tag, and per architecture without weights.
 
     Results are the published numbers of the manifest; `gczoo info NAME` gives each one's source
-    and full protocol. Parameters are measured (no FLOPs: the table does not show them).
+    and full protocol. Parameters are the manifest's counts (see the module docstring).
     """
     models = load_manifest()["models"]
     rows: List[str] = ["| model | weights tag | params (M) | ImageNet-1k top-1 / top-5 | COCO val2017 box / mask AP "
@@ -204,7 +208,7 @@ def model_table() -> str:
                        "|---|---|---|---|---|---|---|"]
     for arch in sorted(models, key=lambda a: (models[a]["family"], a)):
         model = models[arch]
-        params = f"{count_params(_meta_model(arch)) / 1e6:.2f}"
+        params = f"{model['params'] / 1e6:.2f}"
         if not model["weights"]:
             published = model.get("published", [])
             cells = [_table_cell(published, task) for task in ("imagenet-1k", "coco-2017-val", "kinetics-400")]

@@ -4,7 +4,7 @@
 ``gczoo list [PATTERN] [--pretrained]`` model names (``arch`` or ``arch.tag``)
 ``gczoo info NAME [--measure] [--json]`` the model card
 ``gczoo table [--check F | --write F]`` the README's model table
-``gczoo download NAME[.TAG] [--to DIR]`` fetch, verify and copy weights for an air-gapped machine
+``gczoo download NAME[.TAG] [--to DIR]`` fetch and verify weights (``--to``: the upstream file, for an air-gapped machine)
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
                                       when a second source or the maintainer confirms it
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
@@ -83,25 +83,36 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The evaluation script of each task a weights tag publishes numbers for (``--weights-file`` in each).
+_EVAL_SCRIPTS = {"imagenet-1k": "eval/imagenet.py", "coco-2017-val": "eval/coco.py",
+                 "cityscapes-val": "eval/segmentation.py", "ade20k-val": "eval/segmentation.py"}
+
+
 def _download(args: argparse.Namespace) -> int:
+    """Into the cache; or, with ``--to``, the upstream file as served, which a machine without network checks."""
     from .registry import check_name, weights_entry
 
     arch, _ = check_name(args.name)
     tag, entry = weights_entry(args.name)
+    name = f"{arch}.{tag}"
     from . import weights
 
-    path = weights.export(arch, tag, entry, args.to) if args.to else weights.fetch(arch, tag, entry)
+    if args.to is None:
+        print(weights.fetch(arch, tag, entry))
+        print(f"(in the cache; for a machine without network: gczoo download {name} --to DIR)")
+        return 0
+    path, source = weights.download_upstream(arch, tag, entry, args.to)
+    where = source.get("url") or f"hf://{source['repo_id']}/{source['filename']}@{source.get('revision', 'main')}"
+    full = bool(source.get("sha256"))
     print(path)
-    try:
-        how = weights.verify_file(arch, tag, entry, path)
-        print(f"verified as a machine without network will check it: {how}")
-        print(f"there: gczoo demo --model {arch}.{tag} --weights-file FILE, or "
-              f"python eval/<task>.py --model {arch}.{tag} --weights-file FILE ... (FILE: this file, copied there)")
-    except weights.WeightsError as err:  # a converted pickle, or a hub file not yet pinned in the manifest
-        upstream = [s["url"] for s in entry["sources"] if s["type"] == "url" and s.get("sha256")]
-        print(f"note: a machine without network cannot check this copy against the manifest ({err})"
-              + (f"\ncarry the upstream file instead, whose full sha256 the manifest pins: {upstream[0]}"
-                 if upstream else ""))
+    print(f"the upstream file as served by {where}, not converted; the manifest pins "
+          + (f"its sha256 {source['sha256']}" if full else
+             f"only the hash prefix {source['sha256_prefix']} of its file name (32 bits, forgeable in minutes)"))
+    print("on a machine without network, pass this file with --weights-file: it is checked there against the "
+          "manifest before use" + ("" if full else ", and accepted only with GCZOO_ALLOW_PREFIX_ONLY=1") + ":")
+    print(f"  gczoo demo --model {name} --weights-file {path.name}")
+    for script in sorted({_EVAL_SCRIPTS[m["task"]] for m in entry["metrics"] if m["task"] in _EVAL_SCRIPTS}):
+        print(f"  python {script} --model {name} --weights-file {path.name} --data DIR")
     return 0
 
 
@@ -333,9 +344,9 @@ DEMOS: Dict[str, Demo] = {
 
 
 def _unavailable_advice(err, name: str, command: str) -> str:
-    return (f"{err.summary()}\nWithout network here: carry over a file whose sha256 the manifest pins (`gczoo info "
-            f"{name}` lists each source and its hash; `gczoo download {name} --to DIR` on a machine with network "
-            f"says whether its copy qualifies) and run `gczoo {command} --model {name} --weights-file FILE`.")
+    return (f"{err.summary()}\nWithout network here: on a machine with network, `gczoo download {name} --to DIR` "
+            f"writes the upstream file the manifest pins; carry it over and run `gczoo {command} --model {name} "
+            "--weights-file FILE` (it is checked against the manifest's hash before use).")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -411,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_list)
     p = sub.add_parser("info", help="show a model card")
     p.add_argument("name", metavar="NAME[.TAG]")
-    p.add_argument("--measure", action="store_true", help="also measure parameters and FLOPs (builds the model)")
+    p.add_argument("--measure", action="store_true", help="count parameters again and measure FLOPs (builds the model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
     p = sub.add_parser("table", help="print, check or write the README's model table")
@@ -421,7 +432,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_table)
     p = sub.add_parser("download", help="fetch and verify weights (optionally copy them to a folder)")
     p.add_argument("name", help="NAME or NAME.TAG")
-    p.add_argument("--to", type=Path, help="folder to copy the verified safetensors file into")
+    p.add_argument("--to", type=Path, metavar="DIR", help="for a machine without network: download the upstream file, "
+                   "as served and verified, into DIR instead of the cache (pass it there with --weights-file)")
     p.set_defaults(func=_download)
     p = sub.add_parser("pin", help="maintainers: record each source's sha256 in the manifest")
     p.add_argument("name", help="NAME.TAG")

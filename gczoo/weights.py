@@ -63,7 +63,6 @@ import hashlib
 import os
 import pickle
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -98,7 +97,7 @@ __all__ = [
     "sha256_of",
     "pin",
     "digests_from",
-    "export",
+    "download_upstream",
     "storable",
     "verify_file",
     "matching_source",
@@ -271,23 +270,6 @@ def digests_from(model_name: str, tag: str, entry: dict, base: str) -> list[tupl
                 continue
             results.append((sha256_of(partial), url))
     return results
-
-
-def export(
-    model_name: str, tag: str, entry: dict, to_dir: str | os.PathLike, *, progress: bool = True
-) -> Path:
-    """Fetch the weights and copy the verified file to ``to_dir/{model_name}.{tag}.safetensors``.
-
-    Meant for air-gapped machines: run ``gczoo download NAME.TAG --to DIR`` where there is a
-    network, carry DIR over, and load with ``pretrained_cfg_overlay=dict(file=...)``.
-    """
-    src = fetch(model_name, tag, entry, progress=progress)
-    to_dir = Path(to_dir)
-    to_dir.mkdir(parents=True, exist_ok=True)
-    dest = to_dir / f"{model_name}.{tag}.safetensors"
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
-    return dest
 
 
 def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike) -> str:
@@ -831,7 +813,68 @@ def _unavailable_message(label: str, failures: list[str]) -> str:
     return (
         f"cannot obtain weights {label}; sources tried:\n{tried}\n"
         f"To use them without network access here: on a machine with network run "
-        f"`gczoo download {label} --to DIR`, copy DIR here and pass "
-        f"pretrained_cfg_overlay=dict(file='DIR/{label}.safetensors'); or set "
+        f"`gczoo download {label} --to DIR` (it names the file it writes), copy that file here and pass "
+        f"pretrained_cfg_overlay=dict(file=FILE); or set "
         "GCZOO_MIRROR=http://host:port to a server holding the same paths, or HF_ENDPOINT to a hub mirror."
     )
+
+
+# --------------------------------------------------------------------------- copies for machines without network
+
+
+def download_upstream(
+    model_name: str, tag: str, entry: dict, to_dir: str | os.PathLike, *, progress: bool = True
+) -> tuple[Path, dict]:
+    """Download the upstream file of ``model_name.tag`` as served into ``to_dir``; return it and its source.
+
+    For air-gapped machines (``gczoo download NAME.TAG --to DIR``): the file is the one
+    :func:`verify_file` accepts there, so the copy is checked against the manifest before use.
+    The source is the first one pinned by a full ``sha256``, else the first one pinned by a
+    ``sha256_prefix`` (accepted there only under ``GCZOO_ALLOW_PREFIX_ONLY=1``); a source the
+    manifest pins by no hash at all (an unpinned hub file) cannot be checked offline and is never
+    chosen. The file keeps its upstream name (a hub file: ``NAME.TAG.safetensors``), is downloaded
+    as the cache's files are (bounded, resumable ``.partial``, links not followed) and is verified
+    before it gets that name; a copy already there that verifies is kept. Nothing is converted,
+    no pickle is loaded, the cache is not touched.
+    """
+    label = f"{model_name}.{tag}"
+    candidates = ([s for s in entry["sources"] if s.get("sha256")]
+                  + [s for s in entry["sources"] if not s.get("sha256") and s.get("sha256_prefix")])
+    if not candidates:
+        raise WeightsError(
+            f"{label}: the manifest pins none of its sources by a hash ({'; '.join(map(_describe, entry['sources']))}), "
+            f"so a machine without network could not check any copy; a maintainer pins them with `gczoo pin {label}`"
+        )
+    to_dir = Path(to_dir)
+    failures = []
+    for source in candidates:
+        if source["type"] == "hf_hub":
+            url = hf_hub_url(source["repo_id"], source["filename"], revision=source.get("revision", "main"),
+                             endpoint=os.environ.get("HF_ENDPOINT"))
+            name = f"{label}.safetensors"
+        else:
+            url = _mirrored(source["url"])
+            _check_pin_strength(source, url, label)
+            name = urlsplit(source["url"]).path.rsplit("/", 1)[-1]
+            if name in ("", ".", ".."):
+                raise WeightsError(f"{label}: url source {source['url']} does not end in a file name")
+        dest = to_dir / name
+        partial = dest.with_name(dest.name + ".partial")
+        to_dir.mkdir(parents=True, exist_ok=True)
+        for path in (dest, partial):  # never read or written through: the verified file replaces a link
+            if path.is_symlink():
+                path.unlink()
+        if dest.is_file() and matching_source([source], sha256_of(dest))[0] is not None:
+            return dest, source
+        if _offline():
+            failures.append(f"{_describe(source)}: offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set)")
+            continue
+        try:
+            _download(url, partial, progress, label, source.get("size"))
+        except _Unavailable as err:
+            failures.append(f"{_describe(source)}: {err}")
+            continue
+        _verify(partial, source, label, url)
+        os.replace(partial, dest)
+        return dest, source
+    raise WeightsUnavailableError(_unavailable_message(label, failures), label=label, tried=failures)

@@ -20,13 +20,13 @@ def _run(*args, env=None, timeout=300):
 
 
 def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says():
-    """list/info/--help answer without importing torch or timm; `import gczoo` still registers the zoo with
-    timm; every command refuses an unknown tag alike; `gczoo download` offline gives command-line advice."""
+    """list/info/table/--help answer without importing torch or timm; `import gczoo` still registers the zoo
+    with timm; every command refuses an unknown tag alike; `gczoo download` offline gives command-line advice."""
     script = textwrap.dedent("""
         import os, sys
         from gczoo.cli import main
         for argv in (["list", "*_c4"], ["info", "resnet50_nl_c4"], ["info", "resnet50_gc_r16.foo"],
-                     ["download", "resnet50_gc_r16.foo"], ["demo", "--model", "resnet50_gc_r16.foo"]):
+                     ["download", "resnet50_gc_r16.foo"], ["demo", "--model", "resnet50_gc_r16.foo"], ["table"]):
             print("exit", main(argv), flush=True)
         print("torch imported:", "torch" in sys.modules, "timm imported:", "timm" in sys.modules, flush=True)
         import gczoo, timm  # import gczoo still registers the zoo with timm, once timm is loaded
@@ -38,8 +38,11 @@ def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says(
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[:4] == ["resnet50_gc_r16_c4", "resnet50_nl_c4", "resnet50_snl_c4", "exit 0"]
-    assert "resnet50_nl_c4" == lines[4] and any(l.startswith("parameters: published 27.66M") for l in lines)
-    assert [l for l in lines if l.startswith("exit")] == ["exit 0", "exit 0", "exit 2", "exit 2", "exit 2", "exit 2"]
+    assert "resnet50_nl_c4" == lines[4]
+    assert any(l.startswith("parameters: 27.66M (counted on the built model, stored in the manifest); published 27.66M")
+               for l in lines)
+    assert [l for l in lines if l.startswith("exit")] == ["exit 0"] * 2 + ["exit 2"] * 3 + ["exit 0", "exit 2"]
+    assert "| `resnet50_nl_c4` | - | 27.66 | 77.21 / 93.64 (paper, no weights) | - | - | - |" in lines
     assert "torch imported: False timm imported: False" in lines and "registered: True" in lines
     unknown, offline = out.stderr.split("gczoo download: cannot obtain weights resnet101_gc_r16.tv2_in1k")
     errors = unknown.splitlines()
@@ -104,3 +107,15 @@ def test_eval_script_without_its_extra_names_the_install_line_and_exits_2(tmp_pa
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == "error: coco.py needs the 'coco' extra (pycocotools is not installed): " \
                          "pip install -e '.[coco]' in the clone\n"
+
+
+def test_stored_parameter_counts_equal_the_built_models():
+    """Cards and the README table show the manifest's `params` without building anything; each one is the count
+    of the model `create_model(NAME)` builds (rebuilt here on the meta device), so the stored data cannot drift."""
+    from gczoo.cards import _meta_model, count_params
+
+    models = load_manifest()["models"]
+    counted = {arch: count_params(_meta_model(arch)) for arch in models}
+    wrong = [f"{arch}: stored {models[arch]['params']}, built {n}" for arch, n in counted.items()
+             if n != models[arch]["params"]]
+    assert not wrong, "set models.NAME.params in weights_manifest.json to the built count:\n" + "\n".join(wrong)

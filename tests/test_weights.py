@@ -349,7 +349,13 @@ def test_pin_and_export(hub_server, file_server, tmp_path):
     hub_sha = weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
     assert weights.pin("tiny", "t", entry) == [hub_sha, pth_sha]
 
-    exported = weights.export("tiny", "t", entry, tmp_path / "out", progress=False)
-    assert exported == tmp_path / "out" / "tiny.t.safetensors"
-    assert weights.sha256_of(exported) == hub_sha  # the first source's verified file
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny.t.safetensors"]
+    # for a machine without network: the upstream file that the manifest pins, as served (the hub file is
+    # unpinned, so the pickle, pinned by its prefix), then the first fully pinned source once there is one
+    path, source = weights.download_upstream("tiny", "t", entry, tmp_path / "out", progress=False)
+    assert (path, source) == (tmp_path / "out" / pth.name, entry["sources"][1])
+    assert path.read_bytes() == pth.read_bytes()
+    entry["sources"][0]["sha256"] = hub_sha
+    path, source = weights.download_upstream("tiny", "t", entry, tmp_path / "out", progress=False)
+    assert (path, source) == (tmp_path / "out" / "tiny.t.safetensors", entry["sources"][0])
+    assert weights.sha256_of(path) == hub_sha
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([pth.name, "tiny.t.safetensors"])

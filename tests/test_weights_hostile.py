@@ -281,14 +281,14 @@ def test_download_to_dir_replaces_a_planted_link_instead_of_writing_through_it(h
     hub_file = hub_server.root / "timm" / "tiny" / "model.safetensors"
     manifest = json.loads((REPO_ROOT / "weights_manifest.json").read_text())
     entry = manifest["models"]["resnet50_gc_r16"]["weights"]["tv_in1k"]
-    entry["sources"] = [{**entry["sources"][0], "repo_id": "timm/tiny"}]
+    entry["sources"] = [{**entry["sources"][0], "repo_id": "timm/tiny", "sha256": weights.sha256_of(hub_file)}]
     out = tmp_path / "out"
     out.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     for name in ("tiny.t.safetensors", "tiny.t.safetensors.partial"):
         (out / name).symlink_to(victim)
-    dest = weights.export("tiny", "t", entry, out, progress=False)
+    dest, _ = weights.download_upstream("tiny", "t", entry, out, progress=False)
     assert victim.read_text() == "precious"
     assert not dest.is_symlink() and dest.read_bytes() == hub_file.read_bytes()
 

@@ -1,0 +1,78 @@
+"""What every family benchmark shares: interleaved timing rounds, ratio statistics, and the
+environment header printed above each table.
+
+The rounds follow the issue's protocol: each round runs every contender once, in an order
+rotated by one per round, so a shared machine's slow drifts hit all of them alike; ratios are
+taken per round and summarised by their median and 25-75% spread.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def interleaved_rounds(steps: Dict[str, Callable[[], None]], rounds: int, iters: int = 1,
+                       sync: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+    """Seconds per step of each contender, one list entry per round (rotating order)."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                steps[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) / iters)
+    return times
+
+
+def ratio_stats(times: Sequence[float], base: Optional[Sequence[float]]) -> dict:
+    """Median and 25-75% quartiles of the per-round ratios ``times / base`` (NaN without base)."""
+    if not base:
+        nan = float("nan")
+        return dict(ratio=nan, q25=nan, q75=nan)
+    ratios = [t / b for t, b in zip(times, base)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return dict(ratio=statistics.median(ratios), q25=q[0], q75=q[2])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_lines(device: str) -> List[str]:
+    """Device, library versions, malloc settings and load: the lines above every table."""
+    import torchvision
+    import gczoo
+
+    if device.startswith("cuda"):
+        dev = torch.cuda.get_device_name(torch.device(device))
+    else:
+        dev = cpu_name()
+    malloc = ", ".join(f"{v}={os.environ[v]}" for v in MALLOC_VARS if v in os.environ) or "unset"
+    return [
+        f"device: {device} ({dev}); logical CPUs: {os.cpu_count()}; torch threads: {torch.get_num_threads()}",
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"gczoo {gczoo.__version__}, python {platform.python_version()}",
+        f"glibc malloc env: {malloc}",
+    ]
+
+
+def load_line() -> str:
+    return f"load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}"

@@ -1,0 +1,126 @@
+"""One side of ``bench/segmentation.py``: a persistent process holding one segmentor.
+
+    python bench/segmentation_worker.py --side zoo --mode whole --checkpoint CK.pth --input X.pt
+    /tmp/mmseg-oracle/venv/bin/python bench/segmentation_worker.py --side mmseg --oracle-dir DIR ...
+
+``--side zoo`` builds ``gcnet_resnet50_d8`` (or ``nonlocal_resnet50_d8``) with the weights tag
+of the mode and loads the mmsegmentation-layout checkpoint through gczoo's converter;
+``--side mmseg`` builds mmsegmentation 1.2.2's own config of that row with the oracle's
+``build_config`` (``run.py`` in ``--oracle-dir``) and loads the same file strictly. Both hold the
+same normalised input ``(1, 3, H, W)``; one inference goes from that tensor to the logits
+``(1, C, H, W)`` at input size: ``model(x)["out"]`` in the zoo, ``EncoderDecoder.inference(x,
+metas)`` in mmsegmentation (whole image or sliding window, as the mode says).
+
+Protocol (one JSON object per line): the worker prints ``{"ready": ...}`` once loaded, then
+answers each request read from stdin: ``run`` (one inference under ``torch.no_grad``; its wall
+and process CPU seconds),
+``save PATH`` (the last logits, ``torch.save``), ``memory`` (peak RSS increase, below), ``quit``.
+
+Memory: ``peak_rss_increase_mib`` is the process's peak resident set (``VmHWM``) minus its
+resident set once the model and the input are loaded and before the first inference, i.e. the
+most memory inference (warm-up and timed rounds) ever added to this process (the peak is reset,
+through ``/proc/self/clear_refs``, after loading, so loading's own peak does not count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+import torch
+
+#: mode -> (gczoo weights tag, mmsegmentation config kind); the 769 configs run slide mode.
+MODES = {"whole": ("mmseg_cityscapes_512x1024_40k", "cityscapes_512x1024"),
+         "slide": ("mmseg_cityscapes_769x769_40k", "cityscapes_769x769")}
+#: model -> (gczoo architecture, mmsegmentation oracle model name)
+MODELS = {"gcnet": ("gcnet_resnet50_d8", "gcnet"), "nonlocal": ("nonlocal_resnet50_d8", "nonlocal")}
+VERSIONS = {"torch": torch.__version__}
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def zoo_segmentor(a):
+    import gczoo
+
+    tag, _ = MODES[a.mode]
+    extra = dict(crop_size=a.crop, stride=a.stride) if a.mode == "slide" else {}
+    model = gczoo.create_model(f"{MODELS[a.model][0]}.{tag}", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=a.checkpoint), **extra).eval()
+    return lambda x: model(x)["out"]
+
+
+def mmseg_segmentor(a):
+    sys.path.insert(0, a.oracle_dir)
+    from run import build_config  # the oracle's own config builder (mmseg_oracle/run.py)
+    from mmseg.apis import init_model
+
+    cfg, _ = build_config(MODELS[a.model][1], 50, MODES[a.mode][1])
+    if a.mode == "slide":
+        cfg.model.test_cfg.crop_size, cfg.model.test_cfg.stride = tuple(a.crop), tuple(a.stride)
+    model = init_model(cfg, checkpoint=None, device="cpu")
+    state = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("state_dict", state), strict=True)
+    model.eval()
+    import mmcv, mmengine, mmseg
+    VERSIONS.update(mmsegmentation=mmseg.__version__, mmcv=mmcv.__version__, mmengine=mmengine.__version__)
+
+    def infer(x):
+        h, w = x.shape[-2:]
+        metas = [dict(ori_shape=(h, w), img_shape=(h, w), pad_shape=(h, w), padding_size=[0, 0, 0, 0],
+                      scale_factor=(1.0, 1.0))]
+        return model.inference(x, metas)
+    return infer
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--side", required=True, choices=["zoo", "mmseg"])
+    ap.add_argument("--model", default="gcnet", choices=sorted(MODELS))
+    ap.add_argument("--mode", required=True, choices=sorted(MODES))
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--crop", type=int, nargs=2, default=(769, 769))
+    ap.add_argument("--stride", type=int, nargs=2, default=(513, 513))
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--oracle-dir", default=None, help="mmseg_oracle folder (run.py), for --side mmseg")
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    infer = zoo_segmentor(a) if a.side == "zoo" else mmseg_segmentor(a)
+    x = torch.load(a.input, weights_only=True)
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS (Linux)
+        f.write("5")
+    rss0 = status_kib("VmRSS")
+    out = None
+    print(json.dumps({"ready": True, "versions": dict(VERSIONS, threads=torch.get_num_threads())}), flush=True)
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "run":
+            t0, c0 = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                out = infer(x)
+            reply = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                     "shape": list(out.shape)}
+        elif cmd == "save":
+            torch.save(out, arg)
+            reply = {"saved": arg}
+        elif cmd == "memory":
+            reply = {"peak_rss_increase_mib": (status_kib("VmHWM") - rss0) / 1024, "rss_loaded_mib": rss0 / 1024}
+        elif cmd == "quit":
+            break
+        else:
+            reply = {"error": f"unknown request {cmd!r}"}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,5 @@
-"""What every family benchmark shares: interleaved timing rounds, ratio statistics, and the
-environment header printed above each table.
+"""What every family benchmark shares: interleaved timing rounds, ratio statistics, the
+environment header printed above each table, and worker processes with their memory readings.
 
 The rounds follow the issue's protocol: each round runs every contender once, in an order
 rotated by one per round, so a shared machine's slow drifts hit all of them alike; ratios are
@@ -7,15 +7,19 @@ taken per round and summarised by their median and 25-75% spread.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
@@ -76,3 +80,48 @@ def environment_lines(device: str) -> List[str]:
 
 def load_line() -> str:
     return f"load average at end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}"
+
+
+def proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``; Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (``/proc/self/clear_refs``, Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Worker:
+    """A benchmark worker process (possibly in another venv, e.g. an oracle's) speaking JSON
+    lines: one request object in, one reply object out; its first line is its ready reply."""
+
+    def __init__(self, python: str, script: Path, args: List[str]):
+        self.cmd = [str(python), str(script), *args]
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker exited with {self.proc.wait()} (its stderr is above): {shlex.join(self.cmd)}")
+        return json.loads(line)
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=120)

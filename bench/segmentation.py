@@ -24,11 +24,9 @@ Examples (see bench/RESULTS.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
+from bench.common import Worker, environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
 from gczoo.models.segmentation import sliding_windows  # noqa: E402
 
 WORKER = ROOT / "bench" / "segmentation_worker.py"
@@ -66,33 +64,6 @@ def synthetic_input(height: int, width: int, seed: int = 0) -> torch.Tensor:
     img = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     img = (img + 20 * torch.randn(img.shape, generator=gen)).round().clamp(0, 255)
     return ((img - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)).contiguous()
-
-
-class Worker:
-    """A ``segmentation_worker.py`` process: one JSON request line in, one JSON reply line out."""
-
-    def __init__(self, python: str, args: List[str]):
-        self.cmd = [python, str(WORKER)] + args
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        self.ready = self._reply()
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker exited ({self.proc.wait()}): {shlex.join(self.cmd)}")
-        return json.loads(line)
-
-    def ask(self, request: str) -> dict:
-        self.proc.stdin.write(request + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
 
 
 def main(argv=None) -> None:
@@ -143,24 +114,24 @@ def main(argv=None) -> None:
                           "--crop", str(a.crop), str(a.crop), "--stride", str(a.stride), str(a.stride),
                           "--threads", str(a.threads)]
                 windows = len(sliding_windows(h, w, (a.crop,) * 2, (a.stride,) * 2)) if mode == "slide" else 1
-                workers: Dict[str, Worker] = {"zoo": Worker(sys.executable, ["--side", "zoo"] + common)}
+                workers: Dict[str, Worker] = {"zoo": Worker(sys.executable, WORKER, ["--side", "zoo"] + common)}
                 try:
                     if oracle:
-                        workers["mmseg"] = Worker(str(a.oracle_python), ["--side", "mmseg", "--oracle-dir",
+                        workers["mmseg"] = Worker(a.oracle_python, WORKER, ["--side", "mmseg", "--oracle-dir",
                                                                           str(a.oracle_dir)] + common)
                         header = header or workers["mmseg"].ready.get("versions")
                     for _ in range(a.warmup):
                         for wk in workers.values():
-                            wk.ask("run")
+                            wk.ask(cmd="run")
                     cpu: Dict[str, List[float]] = {k: [] for k in workers}
-                    times = interleaved_rounds({k: (lambda k=k, wk=wk: cpu[k].append(wk.ask("run")["cpu_seconds"]))
+                    times = interleaved_rounds({k: (lambda k=k, wk=wk: cpu[k].append(wk.ask(cmd="run")["cpu_seconds"]))
                                                 for k, wk in workers.items()}, rounds=a.rounds)
-                    memory = {k: wk.ask("memory")["peak_rss_increase_mib"] for k, wk in workers.items()}
+                    memory = {k: wk.ask(cmd="memory")["peak_rss_increase_mib"] for k, wk in workers.items()}
                     diff = float("nan")
                     if oracle:
                         outs = {}
                         for k, wk in workers.items():
-                            wk.ask(f"save {tmp}/{k}.pt")
+                            wk.ask(cmd="save", path=f"{tmp}/{k}.pt")
                             outs[k] = torch.load(f"{tmp}/{k}.pt", weights_only=True)
                         diff = (outs["zoo"] - outs["mmseg"]).abs().max().item() / outs["mmseg"].abs().max().item()
                 finally:

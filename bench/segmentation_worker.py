@@ -12,9 +12,9 @@ same normalised input ``(1, 3, H, W)``; one inference goes from that tensor to t
 metas)`` in mmsegmentation (whole image or sliding window, as the mode says).
 
 Protocol (one JSON object per line): the worker prints ``{"ready": ...}`` once loaded, then
-answers each request read from stdin: ``run`` (one inference under ``torch.no_grad``; its wall
-and process CPU seconds),
-``save PATH`` (the last logits, ``torch.save``), ``memory`` (peak RSS increase, below), ``quit``.
+answers each request ``{"cmd": ...}`` read from stdin: ``run`` (one inference under
+``torch.no_grad``; its wall and process CPU seconds), ``save`` with a ``path`` (the last logits,
+``torch.save``), ``memory`` (peak RSS increase, below); ``{"quit": true}`` ends it.
 
 Memory: ``peak_rss_increase_mib`` is the process's peak resident set (``VmHWM``) minus its
 resident set once the model and the input are loaded and before the first inference, i.e. the
@@ -28,8 +28,12 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import proc_status_kib, reset_peak_rss  # noqa: E402
 
 #: mode -> (gczoo weights tag, mmsegmentation config kind); the 769 configs run slide mode.
 MODES = {"whole": ("mmseg_cityscapes_512x1024_40k", "cityscapes_512x1024"),
@@ -37,14 +41,6 @@ MODES = {"whole": ("mmseg_cityscapes_512x1024_40k", "cityscapes_512x1024"),
 #: model -> (gczoo architecture, mmsegmentation oracle model name)
 MODELS = {"gcnet": ("gcnet_resnet50_d8", "gcnet"), "nonlocal": ("nonlocal_resnet50_d8", "nonlocal")}
 VERSIONS = {"torch": torch.__version__}
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def zoo_segmentor(a):
@@ -97,13 +93,15 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     infer = zoo_segmentor(a) if a.side == "zoo" else mmseg_segmentor(a)
     x = torch.load(a.input, weights_only=True)
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS (Linux)
-        f.write("5")
-    rss0 = status_kib("VmRSS")
+    reset_peak_rss()
+    rss0 = proc_status_kib("VmRSS")
     out = None
     print(json.dumps({"ready": True, "versions": dict(VERSIONS, threads=torch.get_num_threads())}), flush=True)
     for line in sys.stdin:
-        cmd, _, arg = line.strip().partition(" ")
+        request = json.loads(line)
+        cmd, arg = request.get("cmd"), request.get("path")
+        if request.get("quit"):
+            break
         if cmd == "run":
             t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
@@ -114,9 +112,7 @@ def main(argv=None):
             torch.save(out, arg)
             reply = {"saved": arg}
         elif cmd == "memory":
-            reply = {"peak_rss_increase_mib": (status_kib("VmHWM") - rss0) / 1024, "rss_loaded_mib": rss0 / 1024}
-        elif cmd == "quit":
-            break
+            reply = {"peak_rss_increase_mib": (proc_status_kib("VmHWM") - rss0) / 1024, "rss_loaded_mib": rss0 / 1024}
         else:
             reply = {"error": f"unknown request {cmd!r}"}
         print(json.dumps(reply), flush=True)

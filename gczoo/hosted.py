@@ -5,8 +5,9 @@ classifiers ``config.json`` is timm's hub layout (``architecture``, ``num_classe
 ``num_features``, ``pretrained_cfg``), so after ``import gczoo`` timm's own
 ``timm.create_model("hf-hub:ORG/REPO", pretrained=True)`` builds the model and the zoo's builder
 loads the weights; for the other families it names the zoo's architecture, family and tag.
-Weights always come through :func:`gczoo.weights.fetch_with_source` (hub cache, offline rules,
-sha256 checked against the hub's LFS hash), never through an unverified path.
+Weights always come through :func:`gczoo.weights.fetch_with_source` (gczoo's bounded download into
+the hub cache, offline rules, sha256 checked against the hub's LFS hash before the file enters the
+cache), never through an unverified path.
 """
 from __future__ import annotations
 

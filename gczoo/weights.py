@@ -13,15 +13,18 @@ Policy, in one place:
   manifest (or with the hub's own LFS hash) is deleted and :class:`WeightsIntegrityError` is
   raised at once, without trying other sources, because a mismatch means corruption or
   tampering somewhere the user has to know about.
-* **Hugging Face sources** go through ``huggingface_hub.hf_hub_download`` and its cache.
-  ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE`` are read *when fetch is
-  called* (huggingface_hub itself reads them once, at import). After the download the file is
-  hashed and compared with the pinned ``sha256`` or, when none is pinned, with the name of the
-  cache blob, which huggingface_hub names after the file's ETag: for LFS files (every
-  safetensors file on the hub) that ETag is the file's sha256. A non-LFS file without a pin
-  (ETag = git sha1) is only size-checked by huggingface_hub; ``gczoo pin`` closes that gap.
-  The hash is recomputed on every fetch, because huggingface_hub writes its cache before we
-  can look at the file; a bad file is removed from that cache (blob and snapshot link).
+* **Hugging Face sources** are probed with ``huggingface_hub.get_hf_file_metadata`` (ETag,
+  commit, size), then downloaded by gczoo itself, through the same bounded download as URL
+  sources, from the probed commit, and kept in huggingface_hub's cache layout (``blobs/<etag>``,
+  ``snapshots/<commit>/<file>`` linking to it, ``refs/<revision>``), so that huggingface_hub's
+  own offline lookup finds them. ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and
+  ``HF_HUB_OFFLINE`` are read *when fetch is called* (huggingface_hub itself reads them once,
+  at import). The file is hashed and compared with the pinned ``sha256`` or, when none is
+  pinned, with the hub's ETag: the sha256 of an LFS file (every safetensors file on the hub),
+  the git blob sha1 of a file stored in git. A download takes the blob's name only once it
+  matches; a failed one leaves nothing in the cache (no partial file to resume). A blob found in
+  the cache is hashed again on every fetch (any user of the cache may have written it); a bad
+  one is removed (blob and snapshot link).
 * **URL sources** (torch.hub convention) are streamed with ``requests`` into
   ``torch.hub.get_dir()/checkpoints`` (``TORCH_HOME`` respected) through ``<name>.partial``;
   an interrupted download is resumed with an HTTP ``Range`` request (a server that ignores
@@ -29,12 +32,12 @@ Policy, in one place:
   full ``sha256`` when pinned, else against ``sha256_prefix`` (the hash prefix carried in the
   upstream file name), *before* it is moved to its final name. ``GCZOO_MIRROR=http://host:port``
   replaces scheme and host of every URL source and keeps the path.
-* **Hostile answers are refused, never stored.** The hub's ETag and commit become cache paths
-  in huggingface_hub (which does not check them), so gczoo's own metadata probe accepts only
-  a hex ETag (sha256 of an LFS file, or a git sha1) and a 40-hex commit, and every blob and
-  snapshot link must resolve inside the repository's cache folder: anything else is removed
-  and raises :class:`UnsafeDownloadError`. URL downloads are bounded by the expected size
-  (the source's ``size``, else ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`), refuse
+* **Hostile answers are refused, never stored.** The hub's ETag and commit become cache paths,
+  so gczoo's metadata probe accepts only a hex ETag (sha256 of an LFS file, or a git sha1) and
+  a 40-hex commit, and every blob and snapshot link must resolve inside the repository's cache
+  folder: anything else raises :class:`UnsafeDownloadError` (a cached file failing this is
+  removed). Every download is bounded by the expected size (the source's ``size``, else the
+  hub's announced size or ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`), refuse
   any ``Content-Encoding`` but identity (nothing is ever decompressed), and end at an overall
   deadline (``GCZOO_DOWNLOAD_TIMEOUT`` seconds, default :data:`DEFAULT_DOWNLOAD_TIMEOUT`).
 * **A hash prefix is weak.** 8 hex digits are 32 bits: a file with a chosen prefix is found in
@@ -52,13 +55,12 @@ Policy, in one place:
   torch.hub itself left in the same directory is verified and converted the same way.
 * **Concurrency.** URL downloads and conversions hold a file lock per file
   (``checkpoints/.locks``), so processes fetching the same file at once all succeed and the
-  cache ends with one file; huggingface_hub locks its own cache.
+  cache ends with one file; hub downloads take the lock huggingface_hub takes for the same blob.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import os
 import pickle
@@ -75,7 +77,8 @@ import torch
 import urllib3
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HTTPError as HubHTTPError  # the hub client's transport errors
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.utils import build_hf_headers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -117,7 +120,6 @@ MAX_UNSIZED_DOWNLOAD = 2 << 30
 MAX_AMPLIFICATION = 4
 _AMPLIFICATION_SLACK = 1 << 20
 _MAX_ATTEMPTS = 5  # URL download attempts, each one resuming where the previous one stopped
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HUB_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git sha1 (regular file) or sha256 (LFS file)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -350,12 +352,17 @@ def _fetch_source(source: dict, label: str, progress: bool) -> Path:
 
 
 def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
-    """Download through huggingface_hub's cache, then verify (and evict a bad file).
+    """A hub file: gczoo's metadata probe, then gczoo's own download into huggingface_hub's cache layout.
 
-    gczoo's own metadata probe runs first whenever the hub may be asked: it gives up at once on
-    an unreachable hub (hf_hub_download would retry with backoff for ~25 s before the next
-    source could be tried) and checks the ETag and commit that huggingface_hub turns into cache
-    paths. Afterwards the snapshot link and its blob must lie inside the repository's cache folder.
+    The probe gives up at once on an unreachable hub (hf_hub_download would retry with backoff
+    for ~25 s before the next source could be tried) and checks the ETag, commit and size the
+    hub announces. The body then comes through :func:`_download` (size cap, identity encoding,
+    overall deadline) from the probed commit, into a temporary file in the cache's ``blobs``
+    folder that takes the blob's name only once its hash matches; no ``.incomplete`` file of
+    huggingface_hub's is ever made. The blob, its snapshot link and the revision's ref are those
+    ``hf_hub_download`` would write, so huggingface_hub's own cache lookups (offline, or another
+    library sharing the cache) find the file. A blob already in the cache (written by gczoo or by
+    any other user of the cache) is hashed again before it is used.
     """
     if source.get("format") not in ("safetensors", "json"):  # json: fetch_hub_file, never a manifest source
         raise WeightsError(
@@ -366,62 +373,100 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
     revision = source.get("revision", "main")
     cache_dir, endpoint, offline = _hf_cache_dir(), os.environ.get("HF_ENDPOINT"), _offline()
     storage = Path(cache_dir or hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    cached = isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str)
-    local_only = offline
-    try:
-        if not offline:
-            try:
-                meta = get_hf_file_metadata(
-                    hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), endpoint=endpoint
-                )
-            except (OSError, HubHTTPError):
-                if not cached:
-                    raise
-                local_only = True  # hub unreachable: the cached, verified copy will do
-            else:
-                _check_hub_metadata(meta, source, label)
-        path = hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            endpoint=endpoint,
-            local_files_only=local_only,
-            tqdm_class=None if progress else functools.partial(tqdm, disable=True),
-        )
-    except (OSError, HubHTTPError) as err:
-        if offline:
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    cached = Path(cached) if isinstance(cached, str) else None
+    meta = None
+    if not offline:
+        try:
+            meta = get_hf_file_metadata(
+                hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), endpoint=endpoint
+            )
+        except (OSError, HubHTTPError) as err:
+            if cached is None:
+                raise _Unavailable(_reason(err)) from err
+            # hub unreachable: the cached copy will do, once verified
+        else:
+            _check_hub_metadata(meta, source, label)
+    if meta is None:
+        if cached is None:
             raise _Unavailable(
                 f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and not in the Hugging Face "
                 f"cache {cache_dir or hf_constants.HF_HUB_CACHE}"
-            ) from err
-        raise _Unavailable(_reason(err)) from err
+            )
+        pointer = cached
+        blob = pointer.resolve()
+    else:
+        pointer = storage / "snapshots" / meta.commit_hash / filename
+        blob = storage / "blobs" / meta.etag
+    for path, folder in ((pointer.parent, storage / "snapshots"), (blob, storage / "blobs")):
+        if not _inside(path, folder) or path.resolve() == folder.resolve() or not _HUB_ETAG.fullmatch(blob.name):
+            # a path-like file name or revision, or a link planted in the cache
+            if meta is None:
+                pointer.unlink(missing_ok=True)  # the link only: what it points to is not the cache's
+            raise UnsafeDownloadError(
+                f"{label}: {_describe(source)} would use {path.resolve()}, not a file named by its hash inside "
+                f"{folder}" + (f"; the cached link {pointer} was removed" if meta is None else "; nothing was written")
+                + ". Check the source's file name and revision, and who wrote to the cache."
+            )
+    expected = source.get("sha256") or blob.name
+    if meta is None:
+        return _verified_hub_file(pointer, blob, expected, label, source)
+    lock = Path(cache_dir or hf_constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(lock):  # the lock hf_hub_download takes for this blob
+        if blob.is_file():
+            _verified_hub_file(pointer, blob, expected, label, source)
+        else:
+            url = hf_hub_url(repo_id, filename, revision=meta.commit_hash, endpoint=endpoint)
+            with atomic_path(blob) as partial:
+                try:
+                    _download(url, partial, progress, label, source.get("size") or meta.size,
+                              headers=build_hf_headers(),
+                              size_from="the manifest" if source.get("size") else "the hub's metadata")
+                except _Unavailable as err:
+                    raise _Unavailable(f"{err}; nothing of it was kept") from err
+                kind, actual = _hub_digest(partial, expected)
+                if actual != expected:
+                    raise WeightsIntegrityError(_mismatch_message(label, url, expected, actual, partial, kind))
+        if not (pointer.is_symlink() and pointer.resolve() == blob.resolve()):
+            with atomic_path(pointer) as link:  # a fresh name replaced by the link: nothing is followed
+                link.unlink()
+                os.symlink(os.path.relpath(blob, pointer.parent), link)
+        if revision != meta.commit_hash:
+            ref = storage / "refs" / revision
+            if not _inside(ref, storage / "refs"):
+                raise UnsafeDownloadError(f"{label}: revision {revision!r} names a path outside {storage / 'refs'}")
+            if not (ref.is_file() and not ref.is_symlink() and ref.read_text() == meta.commit_hash):
+                with atomic_path(ref) as tmp:
+                    tmp.write_text(meta.commit_hash)
+    return pointer
 
-    pointer = Path(path)
-    blob = pointer.resolve()
-    if not (_inside(pointer.parent, storage / "snapshots") and blob.parent == (storage / "blobs").resolve()):
-        # the hub answered huggingface_hub's own request with a path-like ETag or commit
+
+def _verified_hub_file(pointer: Path, blob: Path, expected: str, label: str, source: dict) -> Path:
+    """``pointer`` once its cached blob matches ``expected``; else blob and link are removed."""
+    kind, actual = _hub_digest(blob, expected)
+    if actual != expected:
         blob.unlink(missing_ok=True)
         pointer.unlink(missing_ok=True)
-        raise UnsafeDownloadError(
-            f"{label}: {_describe(source)} made huggingface_hub write {blob} (link {pointer}), outside its "
-            f"cache folder {storage}; both were removed. The hub endpoint is hostile or broken."
-        )
-    expected = source.get("sha256") or (blob.name if _SHA256_HEX.fullmatch(blob.name) else None)
-    if expected is not None:
-        actual = sha256_of(blob)
-        if actual != expected:
-            blob.unlink(missing_ok=True)
-            pointer.unlink(missing_ok=True)
-            raise WeightsIntegrityError(
-                _mismatch_message(label, _describe(source), expected, actual, blob)
-            )
+        raise WeightsIntegrityError(_mismatch_message(label, _describe(source), expected, actual, blob, kind))
     return pointer
+
+
+def _hub_digest(path: Path, expected: str) -> tuple[str, str]:
+    """``(kind, hex digest)`` of ``path`` for the hub's ETag ``expected``: its sha256 (an LFS file)
+    or, for 40 hex digits, its git blob sha1 (a file stored in git itself, as ``git hash-object``)."""
+    if len(expected) == 64:
+        return "sha256", sha256_of(path)
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return "git blob sha1", digest.hexdigest()
 
 
 def _check_hub_metadata(meta, source: dict, label: str) -> None:
     """Refuse a hub answer whose ETag or commit is not plain hex (they become cache file names)
-    or whose size differs from the manifest's, before huggingface_hub writes anything."""
+    or whose size differs from the manifest's, before anything is downloaded."""
     problems = []
     if not (meta.etag and _HUB_ETAG.fullmatch(meta.etag)):
         problems.append(f"ETag {meta.etag!r} is not a sha256 or git sha1")
@@ -473,7 +518,12 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
             )
         else:
             partial = raw.with_name(raw.name + ".partial")
-            _download(url, partial, progress, label, source.get("size"))
+            try:
+                _download(url, partial, progress, label, source.get("size"))
+            except _Unavailable as err:
+                if partial.exists():
+                    raise _Unavailable(f"{err}; {partial} is kept and the next attempt resumes it") from err
+                raise
             digest = _verify(partial, source, label, url)
             os.replace(partial, raw)
         if fmt == "pickle":
@@ -522,13 +572,16 @@ def _download_deadline() -> float:
     return seconds
 
 
-def _download(url: str, partial: Path, progress: bool, label: str, size: int | None = None) -> None:
+def _download(url: str, partial: Path, progress: bool, label: str, size: int | None = None,
+              headers: Mapping[str, str] | None = None, size_from: str = "the manifest") -> None:
     """Stream ``url`` into ``partial``, resuming what is already there with a Range request.
 
     Attempts go on while each one makes progress (up to ``_MAX_ATTEMPTS``) and the overall
-    deadline has not passed; the partial file is kept on such failures so that a later call
-    resumes it. A body beyond the expected size (``size``, else ``Content-Length``, else
-    :data:`MAX_UNSIZED_DOWNLOAD`) or a compressed one is refused and the partial file removed.
+    deadline has not passed; the partial file is left as it is on such failures (the caller
+    keeps it to resume later, or removes it). A body beyond the expected size (``size``, else
+    ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`) or a compressed one is refused and the
+    partial file removed. ``headers`` are sent too (the hub's user agent and token); ``size_from``
+    names where ``size`` comes from, for the messages.
     The body is read with ``read1`` (whatever has arrived), so a server dripping bytes cannot
     hold a read past the deadline.
     """
@@ -540,16 +593,16 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
         if size is not None and have > size:
             partial.unlink()
             have = 0
-        headers = {"Accept-Encoding": "identity"}
+        request_headers = {**(headers or {}), "Accept-Encoding": "identity"}
         if have:
-            headers["Range"] = f"bytes={have}-"
+            request_headers["Range"] = f"bytes={have}-"
         got = 0
         try:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             timeout = (min(_CONNECT_TIMEOUT, remaining), min(_READ_TIMEOUT, remaining))
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
+            with requests.get(url, headers=request_headers, stream=True, timeout=timeout) as resp:
                 if resp.status_code == 416:  # the partial file is not a prefix of this file
                     partial.unlink()
                     continue
@@ -578,13 +631,15 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
                 if size is not None and total is not None and total != size:
                     partial.unlink(missing_ok=True)
                     raise UnsafeDownloadError(
-                        f"{label}: {url} announces {total} bytes, the manifest says the file has {size}; "
+                        f"{label}: {url} announces {total} bytes, {size_from} says the file has {size}; "
                         "refused before downloading it. Nothing was kept."
                     )
                 limit = size or total or MAX_UNSIZED_DOWNLOAD
+                bound = f"size from {size_from}" if size else "Content-Length" if total else \
+                    "the bound for a file of unknown size"
                 with _open_partial(partial, resume, label) as f, tqdm(
                     total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=partial.name[: -len(".partial")], disable=not progress,
+                    desc=urlsplit(url).path.rsplit("/", 1)[-1], disable=not progress,
                 ) as bar:
                     while chunk := resp.raw.read1(_DOWNLOAD_CHUNK, decode_content=False):
                         if start + got + len(chunk) > limit:
@@ -592,7 +647,7 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
                             partial.unlink(missing_ok=True)
                             raise UnsafeDownloadError(
                                 f"{label}: {url} sent more than the expected {limit} bytes "
-                                f"({'manifest size' if size else 'Content-Length' if total else 'the bound for a file of unknown size'}); "
+                                f"({bound}); "
                                 "the download was stopped and nothing was kept."
                             )
                         f.write(chunk)
@@ -612,14 +667,8 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
         if time.monotonic() > deadline:
             break
     else:
-        raise _Unavailable(
-            f"download of {url} interrupted {_MAX_ATTEMPTS} times; {partial} is kept and the next "
-            "attempt resumes it"
-        )
-    raise _Unavailable(
-        f"download of {url} did not finish within the deadline of {budget:g} s (GCZOO_DOWNLOAD_TIMEOUT); "
-        f"{partial} is kept and the next attempt resumes it"
-    )
+        raise _Unavailable(f"download of {url} interrupted {_MAX_ATTEMPTS} times")
+    raise _Unavailable(f"download of {url} did not finish within the deadline of {budget:g} s (GCZOO_DOWNLOAD_TIMEOUT)")
 
 
 def _open_partial(partial: Path, append: bool, label: str):
@@ -798,10 +847,12 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
     return " ".join(specific or lines)
 
 
-def _mismatch_message(label: str, origin: str, expected: str, actual: str, removed: Path) -> str:
-    kind = "sha256" if len(expected) == 64 else "sha256 prefix"
+def _mismatch_message(label: str, origin: str, expected: str, actual: str, removed: Path,
+                      kind: str | None = None) -> str:
+    got = kind or "sha256"
+    kind = kind or ("sha256" if len(expected) == 64 else "sha256 prefix")
     return (
-        f"{label}: integrity check failed for {origin}: expected {kind} {expected}, got sha256 "
+        f"{label}: integrity check failed for {origin}: expected {kind} {expected}, got {got} "
         f"{actual}. The file ({removed}) was removed and nothing was cached. The download was "
         "corrupted or tampered with (check any mirror or proxy), or the upstream file changed; "
         "a maintainer re-pins a deliberate change with `gczoo pin`."

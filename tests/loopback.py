@@ -12,7 +12,8 @@
 
 Both servers record every request (:attr:`requests`) and have switches for failure modes:
 ``corrupt`` flips the first byte of every body (same length, wrong hash), ``cut_next_after=n``
-ends the next GET body after ``n`` bytes and drops the connection, ``honor_range=False`` answers
+ends the next GET body after ``n`` bytes and drops the connection (``cut_every_after=n``: every
+GET body), ``honor_range=False`` answers
 Range requests with the whole file, ``chunk_delay`` sleeps between 64 KiB chunks so that
 concurrent clients overlap. Hostile switches: ``extra_headers`` are added to (or replace) the
 answer's headers from request number ``extra_headers_from`` on (0: every request);
@@ -60,6 +61,7 @@ class _LoopbackServer:
         self.corrupt = False
         self.honor_range = True
         self.cut_next_after: int | None = None
+        self.cut_every_after: int | None = None
         self.chunk_delay = 0.0
         self.extra_headers: dict[str, str] = {}
         self.extra_headers_from = 0
@@ -111,7 +113,7 @@ class _LoopbackServer:
     def _take_cut(self) -> int | None:
         with self._lock:
             cut, self.cut_next_after = self.cut_next_after, None
-            return cut
+            return self.cut_every_after if cut is None else cut
 
     def serve(self, handler, head: bool) -> None:
         number = self._record(handler)
@@ -164,13 +166,13 @@ class _LoopbackServer:
                 return
             while self.endless:
                 handler.wfile.write(body or b"\0")
-        except (BrokenPipeError, ConnectionResetError):  # the client hung up
+            for i in range(0, len(body), _BLOCK):
+                handler.wfile.write(body[i:i + _BLOCK])
+                if self.chunk_delay:
+                    time.sleep(self.chunk_delay)
+            handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up (e.g. it refused the answer)
             return
-        for i in range(0, len(body), _BLOCK):
-            handler.wfile.write(body[i:i + _BLOCK])
-            if self.chunk_delay:
-                time.sleep(self.chunk_delay)
-        handler.wfile.flush()
 
 
 def _make_handler(server: _LoopbackServer):

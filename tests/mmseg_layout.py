@@ -14,6 +14,7 @@ branch damped, GC / NL blocks with non-zero transforms, classifiers centred over
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections import OrderedDict
@@ -105,6 +106,23 @@ def mmseg_state_dict(head: str = "gc", depth: int = 50, num_classes: int = 19, s
         state["decode_head.gc_block.channel_add_conv.0.weight"] *= 0.02
         state["decode_head.gc_block.channel_add_conv.0.bias"] *= 0.02
     return state
+
+
+@functools.lru_cache(maxsize=2)
+def _made_once(head: str, depth: int, num_classes: int, seed: int):
+    state = mmseg_state_dict(head, depth, num_classes, seed)
+    return state, {key: value._version for key, value in state.items()}
+
+
+def shared_state_dict(head: str = "gc", depth: int = 50, num_classes: int = 19, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """:func:`mmseg_state_dict` made once for the test session (the two asked for last are kept; making
+    one costs seconds): a new dict on every call, sharing the tensors. Callers may add or remove keys
+    but must not change a tensor in place; one that did is named here, at the next call."""
+    state, versions = _made_once(head, depth, num_classes, seed)
+    changed = [key for key, value in state.items() if value._version != versions[key]]
+    if changed:
+        raise AssertionError(f"a test changed shared mmseg tensors in place: {', '.join(changed[:5])}")
+    return dict(state)
 
 
 def write_checkpoint(path: Path, state_dict: Dict[str, torch.Tensor]) -> Path:

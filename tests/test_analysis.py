@@ -132,10 +132,11 @@ def test_every_model_family():
             nn.init.normal_(m.mlp_add.fc2.weight, std=0.1)  # zero-initialised: make the layer add something
     results = query_independence(timm_gc, image[None])
     assert len(results) == 8 and all(r.kind == "gc" and r.attention == 0 and r.output < 1e-20 for r in results)
-    # detection backbone (Mask R-CNN's GC-ResNet + FPN)
-    detector = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16")
+    # detection backbone (Mask R-CNN's GC-ResNet + FPN), one bottleneck per stage: a GC block in each of c3-c5
+    detector = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16", layers=(1, 1, 1, 1))
     results = query_independence(detector.backbone, image[None])
-    assert len(results) == 13 and all(r.kind == "gc" for r in results)
+    assert [r.name for r in results] == [f"body.layer{i}.0.context_block" for i in (2, 3, 4)]
+    assert all(r.kind == "gc" for r in results)
     # video: 5 NL blocks on T*H*W positions
     video = gczoo.create_model("slowonly_resnet50_nl5")
     results = query_independence(video, torch.rand(1, 3, 2, 32, 32))
@@ -152,7 +153,7 @@ def test_every_model_family():
         assert (0 <= r.attention <= 2) if kind == "nl" else r.attention == 0
 
 
-def test_cli_writes_table_and_figure(tmp_path, capsys, monkeypatch):
+def test_cli_writes_table_and_figure(tmp_path, capsys, monkeypatch, torchvision_resnet50):
     from PIL import Image
 
     y, x = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 64), indexing="ij")
@@ -187,13 +188,12 @@ def test_cli_writes_table_and_figure(tmp_path, capsys, monkeypatch):
     assert main(["analyze", "resnet50_nl_c4", str(tmp_path / "nope.jpg"), "--out", str(out)]) == 2
     assert "no image file" in capsys.readouterr().err
     # a checkpoint in the upstream layout of the model's weights tag goes through the tag's converter
-    import torchvision
     from gczoo.analysis import _load_model
-    resnet = torchvision.models.resnet50()
-    save_file(resnet.state_dict(), tmp_path / "tv.safetensors")
+    resnet = torchvision_resnet50.state_dict()
+    save_file(resnet, tmp_path / "tv.safetensors")
     loaded, note = _load_model("resnet50_gc_r16", tmp_path / "tv.safetensors")
     assert "converted as resnet50_gc_r16.tv_in1k" in note
-    assert torch.equal(loaded.state_dict()["layer4.2.conv3.weight"], resnet.state_dict()["layer4.2.conv3.weight"])
+    assert torch.equal(loaded.state_dict()["layer4.2.conv3.weight"], resnet["layer4.2.conv3.weight"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["analyze", "resnet50_nl_c4", str(picture), "--out", str(out)]) == 2
     assert "pip install 'gczoo[analysis]'" in capsys.readouterr().err

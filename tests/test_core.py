@@ -10,6 +10,7 @@ import timm
 import torch
 
 import gczoo
+from gczoo.blocks import NonLocalBlock, SimplifiedNonLocalBlock
 from gczoo.manifest import ManifestError, load_manifest, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +68,16 @@ def test_bad_ablation_arguments_are_named(kwargs, fragment):
 
 
 def test_new_gc_resnet_is_exactly_its_resnet():
-    """Every inserted block starts as the identity: outputs equal those with the blocks removed."""
+    """Every inserted block starts as the identity: outputs equal those with the blocks removed.
+    Built at layers (1, 1, 2, 1), where every kind of block still sits where the rows put it (GC in
+    c3-c5, the c4 ablation blocks before c4's last block); the property is per block, not per depth."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
-    plain = gczoo.create_model("resnet50_gc_r16", gc_stages=[]).eval()
+    layers = [1, 1, 2, 1]
+    plain = gczoo.create_model("resnet50_gc_r16", gc_stages=[], layers=layers).eval()
     for name in ("resnet50_gc_r16", "resnet50_nl_c4", "resnet50_snl_c4", "resnet50_gc_r16_c4"):
-        model = gczoo.create_model(name).eval()
+        model = gczoo.create_model(name, layers=layers).eval()
+        assert any(isinstance(m, (gczoo.ContextBlock, NonLocalBlock, SimplifiedNonLocalBlock)) for m in model.modules())
         missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
         assert not missing and unexpected  # only the inserted blocks are extra
         with torch.no_grad():

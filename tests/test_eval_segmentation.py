@@ -16,7 +16,7 @@ from PIL import Image
 
 import gczoo
 from eval import common, segmentation
-from mmseg_layout import mmseg_state_dict, write_checkpoint
+from mmseg_layout import shared_state_dict, write_checkpoint
 
 
 H, W = 24, 40
@@ -104,11 +104,11 @@ def test_miou_equals_an_independent_computation(tmp_path, dataset, capsys):
     data = tmp_path / dataset
     truth = _cityscapes(data) if dataset == "cityscapes" else _ade20k(data)
     name, classes = (CITYSCAPES, 19) if dataset == "cityscapes" else (ADE20K, 150)
-    state = mmseg_state_dict("gc", 50, classes)
+    state = shared_state_dict("gc", 50, classes)
     if dataset == "ade20k":  # predictions among the labelled classes, so IoUs are not all zero
-        bias = state["decode_head.conv_seg.bias"]
-        bias.fill_(-20.0)
+        bias = torch.full_like(state["decode_head.conv_seg.bias"], -20.0)
         bias[[0, 1, 2, 49, 119, 149]] = 0.0
+        state["decode_head.conv_seg.bias"] = bias
     checkpoint = write_checkpoint(tmp_path / "ck.pth", state)
     report = tmp_path / "report.json"
     assert _run("--model", name, "--data", data, "--checkpoint", checkpoint, "--test-scale", W, H, "--workers", 0,
@@ -152,7 +152,7 @@ def test_bad_input_is_named(tmp_path, capsys):
 def test_bad_label_maps_are_named_before_any_metric(tmp_path, capsys):
     data = tmp_path / "cityscapes"
     _cityscapes(data)
-    checkpoint = write_checkpoint(tmp_path / "ck.pth", mmseg_state_dict("gc", 50, 19))
+    checkpoint = write_checkpoint(tmp_path / "ck.pth", shared_state_dict("gc", 50, 19))
     label = next((data / "gtFine").glob("val/aachen/*_labelTrainIds.png"))
     Image.fromarray(np.full((H, W), 30, dtype=np.uint8)).save(label)  # train id 30: not a Cityscapes class
     args = ("--model", CITYSCAPES, "--data", data, "--checkpoint", checkpoint, "--test-scale", W, H, "--workers", 0)

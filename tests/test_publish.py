@@ -72,25 +72,14 @@ def _files(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resnet50():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
-@pytest.fixture(scope="module")
 def image():
     return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def test_classifier_repo_loads_through_timm_and_gczoo_and_is_deterministic(hub, resnet50, image, tmp_path, manifest_copy):
+def test_classifier_repo_loads_through_timm_and_gczoo_and_is_deterministic(hub, torchvision_resnet50, image, tmp_path, manifest_copy):
     upstream = Path(hub.root) / "timm/resnet50.tv_in1k/model.safetensors"
     upstream.parent.mkdir(parents=True)
-    save_file(resnet50.state_dict(), str(upstream))
+    save_file(torchvision_resnet50.state_dict(), str(upstream))
 
     first = publish(f"{CLS}.{CLS_TAG}", tmp_path / "a", progress=False)
     second = publish(f"{CLS}.{CLS_TAG}", tmp_path / "b", progress=False)
@@ -118,7 +107,7 @@ def test_classifier_repo_loads_through_timm_and_gczoo_and_is_deterministic(hub, 
 
     _serve_repo(hub, first, f"gczoo/{CLS}.{CLS_TAG}")
     with torch.no_grad():
-        expected = resnet50(image)
+        expected = torchvision_resnet50(image)
         via_timm = timm.create_model(f"hf-hub:gczoo/{CLS}.{CLS_TAG}", pretrained=True).eval()
         via_zoo = gczoo.create_model(f"hf-hub:gczoo/{CLS}.{CLS_TAG}", pretrained=True).eval()
         torch.testing.assert_close(via_timm(image), expected, rtol=0, atol=0)
@@ -303,10 +292,10 @@ def test_gcify_basic_block_after_bn2_before_the_residual_addition(image):
 def test_segmentation_tag_published_and_loaded_by_name(hub, file_server, manifest_copy, tmp_path):
     """A segmentation tag: published from its (served) upstream file, its card's model-index holds both mIoUs,
     and the repo loaded by name gives the upstream file's logits."""
-    from mmseg_layout import mmseg_state_dict, write_checkpoint as write_mmseg_checkpoint
+    from mmseg_layout import shared_state_dict, write_checkpoint as write_mmseg_checkpoint
 
     arch, tag = "gcnet_resnet50_d8", "mmseg_cityscapes_512x1024_40k"
-    pth = write_mmseg_checkpoint(Path(file_server.root) / "gcnet_synthetic.pth", mmseg_state_dict("gc", 50, 19))
+    pth = write_mmseg_checkpoint(Path(file_server.root) / "gcnet_synthetic.pth", shared_state_dict("gc", 50, 19))
     digest = hashlib.sha256(pth.read_bytes()).hexdigest()
 
     def edit(data):

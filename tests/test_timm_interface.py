@@ -187,7 +187,7 @@ def test_eval_route_in_classifier_and_mask_rcnn_body(monkeypatch):
     body = randomize(detector.backbone.body)
     norm = body.layer3[0].bn3
     assert type(norm).__name__ == "FrozenParamBatchNorm2d"
-    scale, shift = frozen_affine(norm)  # structural: FrozenBatchNorm2d's forward, parameters for weights
+    scale, shift = frozen_affine(norm)  # declared by fixed_affine_norm; parameters for weights
     h = torch.randn(2, norm.weight.numel(), 3, 3)
     torch.testing.assert_close(h * scale[:, None, None] + shift[:, None, None], norm(h), **TOL)
     with torch.no_grad():

@@ -122,7 +122,8 @@ def test_hub_and_url_download_then_offline_from_cache_in_fresh_process(hub_serve
     url_path = weights.fetch("url", "t", entries["url"], progress=False)
     _assert_same(load_file(hub_path), hub_state)
     _assert_same(load_file(url_path), url_state)
-    assert [r.method for r in hub_server.requests] == ["HEAD", "HEAD", "GET"]  # our probe, then hf_hub_download
+    head, get = hub_server.requests  # gczoo's probe, then gczoo's own download of the probed commit
+    assert (head.method, get.method) == ("HEAD", "GET") and f"/resolve/{hub_server.commit}/" in get.path
 
     hub_server.stop()
     file_server.stop()

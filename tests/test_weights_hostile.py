@@ -81,18 +81,101 @@ def test_hub_metadata_that_is_a_path_is_refused_before_anything_is_written(hub_s
     assert [r.method for r in hub_server.requests] == ["HEAD"]  # refused at gczoo's own probe
 
 
-def test_hub_answering_its_second_head_with_a_path_etag_gets_the_blob_removed(hub_server, tmp_path):
-    """A hub that passes gczoo's probe and lies to huggingface_hub's own HEAD: the blob it made
-    huggingface_hub write outside the cache is found, removed, and named."""
+def _hf_leftovers():
+    """Every file or link under HF_HOME except huggingface_hub's (empty) lock files."""
+    root = Path(os.environ["HF_HOME"])
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts)
+
+
+def test_hub_headers_after_the_probe_do_not_steer_the_cache_and_huggingface_hub_finds_the_file(
+        hub_server, tmp_path, monkeypatch):
+    """gczoo downloads the probed commit itself: a hub that changes its story after the probe
+    (path-like ETag on the body) steers nothing; the verified file sits in huggingface_hub's own
+    layout, where huggingface_hub's offline lookup finds it. A link planted there pointing out of
+    the cache is removed, and what it points to is left alone."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
     source = _hub_repo(hub_server, _small_state())
+    sha = weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
     hub_server.extra_headers = {"ETag": '"../../../../outside/planted.pth"',
                                 "X-Linked-Etag": '"../../../../outside/planted.pth"'}
-    hub_server.extra_headers_from = 1  # request 0 is gczoo's probe
-    with pytest.raises(weights.UnsafeDownloadError) as info:
+    hub_server.extra_headers_from = 1  # request 0 is gczoo's probe, request 1 the body
+    path = _fetch(source)
+    assert [r.method for r in hub_server.requests] == ["HEAD", "GET"] and not (tmp_path / "outside").exists()
+    storage = "hub/models--timm--tiny"
+    assert _hf_leftovers() == [f"{storage}/blobs/{sha}", f"{storage}/refs/main",
+                               f"{storage}/snapshots/{hub_server.commit}/model.safetensors"]
+    cache = Path(os.environ["HF_HOME"]) / "hub"
+    assert try_to_load_from_cache("timm/tiny", "model.safetensors", cache_dir=cache) == str(path)
+    assert hf_hub_download("timm/tiny", "model.safetensors", cache_dir=cache, local_files_only=True) == str(path)
+
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"precious")
+    path.unlink()
+    path.symlink_to(victim)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(weights.UnsafeDownloadError, match="not a file named by its hash inside .*the cached link .* was removed"):
         _fetch(source)
-    assert str((tmp_path / "outside" / "planted.pth").resolve()) in str(info.value) and "removed" in str(info.value)
-    assert not (tmp_path / "outside" / "planted.pth").exists() and _hf_files() == []
-    assert not list(Path(os.environ["HF_HOME"]).rglob("snapshots/*/model.safetensors"))
+    assert victim.read_bytes() == b"precious" and not path.is_symlink()
+
+
+def test_git_stored_hub_file_is_checked_against_its_git_sha1_etag(hub_server):
+    """A file stored in git (not LFS) has the git blob sha1 as its ETag: checked, not just sized."""
+    from huggingface_hub.utils.sha import git_hash
+
+    repo = hub_server.root / "org" / "published"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text('{"architecture": "resnet50_gc_r16"}')
+    etag = git_hash((repo / "config.json").read_bytes())
+    hub_server.extra_headers = {"ETag": f'"{etag}"', "X-Linked-Etag": f'"{etag}"'}
+    hub_server.corrupt = True
+    with pytest.raises(weights.WeightsIntegrityError, match=f"expected git blob sha1 {etag}, got git blob sha1 "):
+        weights.fetch_hub_file("org/published", "config.json")
+    assert _hf_leftovers() == []
+    hub_server.corrupt = False
+    assert weights.fetch_hub_file("org/published", "config.json").read_bytes() == (repo / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("attack", ["endless", "gzip", "drip"])
+def test_hostile_hub_body_is_bounded_and_leaves_nothing_half_written(hub_server, monkeypatch, attack):
+    """The hub file's body comes through gczoo's bounded download: the size the probe announced,
+    identity encoding only, the overall deadline; a failure leaves no partial file in any cache."""
+    source = _hub_repo(hub_server, _small_state())
+    size = (hub_server.root / "timm" / "tiny" / "model.safetensors").stat().st_size
+    if attack == "endless":  # no Content-Length, never ends: capped at the probed size
+        hub_server.endless = True
+        error, says = weights.UnsafeDownloadError, f"sent more than the expected {size} bytes \\(size from the hub.s metadata\\)"
+    elif attack == "gzip":  # a compressed body (the probe looked fine)
+        hub_server.extra_headers, hub_server.extra_headers_from = {"Content-Encoding": "gzip"}, 1
+        error, says = weights.UnsafeDownloadError, "Content-Encoding: gzip"
+    else:  # one byte every 20 ms: every read succeeds, the whole would take half an hour
+        hub_server.drip = 0.02
+        monkeypatch.setenv("GCZOO_DOWNLOAD_TIMEOUT", "1.5")
+        error, says = weights.WeightsUnavailableError, (
+            r"did not finish within the deadline of 1.5 s \(GCZOO_DOWNLOAD_TIMEOUT\); nothing of it was kept")
+    with pytest.raises(error, match=says):
+        _fetch(source)
+    assert _hf_leftovers() == [] and _cache_files() == []
+
+
+def test_hub_changing_its_answers_between_failed_downloads_leaves_nothing_half_written(hub_server):
+    """Two HEAD answers that differ (the second announces another file), each download cut off
+    again and again: nothing half-written stays (huggingface_hub's own path left
+    ``blobs/<etag>.incomplete``), and the intact file is then fetched as usual."""
+    source = _hub_repo(hub_server, _small_state())
+    other = hashlib.sha256(b"another file").hexdigest()
+    hub_server.extra_headers = {"ETag": f'"{other}"', "X-Linked-Etag": f'"{other}"'}
+    hub_server.extra_headers_from = 1  # the first HEAD is honest, every later answer names `other`
+    hub_server.cut_every_after = 1000
+    for _ in range(2):
+        with pytest.raises(weights.WeightsUnavailableError, match="interrupted 5 times; nothing of it was kept"):
+            _fetch(source)
+        assert _hf_leftovers() == [] and _cache_files() == []
+    heads = [r for r in hub_server.requests if r.method == "HEAD"]
+    assert len(heads) == 2 and len(hub_server.gets()) == 10  # one probe per fetch, five resumed GETs each
+    hub_server.extra_headers, hub_server.cut_every_after = {}, None
+    assert weights.sha256_of(_fetch(source)) == weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
 
 
 # --------------------------------------------------------------------------- 2. hash-prefix forgery
@@ -150,6 +233,23 @@ def test_manifest_pins_full_digests_and_the_card_names_prefix_only_sources():
     assert "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a" in card
     assert "sha256 not pinned yet (verified against the hub's own LFS hash)" in card  # no public digest found
     assert "sha256 prefix cd907fc2 only: weak" in card
+
+
+def test_manifest_sizes_bound_the_torchvision_downloads(file_server, weights_env, monkeypatch):
+    """The byte sizes that public sources state for torchvision's ResNet-50 files (next to the same full
+    sha256) are in the manifest and bound the download: a mirror announcing another size is refused
+    before its body is read."""
+    for tag, size in (("tv_in1k", 102530333), ("tv2_in1k", 102540417)):
+        entry = load_manifest()["models"]["resnet50_gc_r16"]["weights"][tag]
+        source = next(s for s in entry["sources"] if s["type"] == "url")
+        assert source["size"] == size
+        served = file_server.root / "models" / source["url"].rsplit("/", 1)[-1]
+        served.parent.mkdir(exist_ok=True)
+        served.write_bytes(b"x" * 1000)
+        monkeypatch.setenv("GCZOO_MIRROR", file_server.url)
+        with pytest.raises(weights.UnsafeDownloadError, match=f"announces 1000 bytes, the manifest says the file has {size}"):
+            _fetch(source)
+        assert _cache_files() == []
 
 
 # --------------------------------------------------------------------------- 3. resource bombs and deadlines

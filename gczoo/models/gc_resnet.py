@@ -54,21 +54,33 @@ def parse_stages(stages: Union[None, str, int, Sequence[Union[int, str]]]) -> tu
     return tuple(sorted(out))
 
 
+_FIXED_AFFINE_FORWARDS = {FrozenBatchNorm2d.forward}
+
+
+def fixed_affine_norm(cls: type) -> type:
+    """Class decorator: ``cls.forward`` computes torchvision's ``FrozenBatchNorm2d`` map from the
+    same ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``eps`` (in any mode), so
+    :func:`frozen_affine` may fold it."""
+    _FIXED_AFFINE_FORWARDS.add(cls.forward)
+    return cls
+
+
 def frozen_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(scale, shift)`` when ``norm`` is a fixed per-channel affine map ``x * scale + shift``, else ``None``.
 
     That holds for torchvision's ``FrozenBatchNorm2d`` and for an ``nn.BatchNorm2d`` in eval
     mode with running statistics (``y = (x - mean) / sqrt(var + eps) * weight + bias``). The
-    check is structural: any module whose ``forward`` is one of these two (a subclass that keeps
-    it, such as the detection models' ``FrozenParamBatchNorm2d``) computes that map from its
-    ``weight``, ``bias``, running statistics and ``eps``; a subclass with its own ``forward``
-    (e.g. BatchNorm + activation) or another norm layer is not trusted to.
+    check is structural: any module whose ``forward`` is one of these two, or was declared to
+    compute the frozen map by :func:`fixed_affine_norm` (the detection models'
+    ``FrozenParamBatchNorm2d``), computes it from its ``weight``, ``bias``, running statistics
+    and ``eps``; a subclass with its own ``forward`` (e.g. BatchNorm + activation) or another
+    norm layer is not trusted to.
     """
     forward = type(norm).forward
     if forward is nn.modules.batchnorm._BatchNorm.forward and isinstance(norm, nn.BatchNorm2d):
         if norm.training or norm.running_var is None:
             return None
-    elif forward is not FrozenBatchNorm2d.forward:
+    elif forward not in _FIXED_AFFINE_FORWARDS:
         return None
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:

@@ -26,7 +26,6 @@ CASES = {
     "gcnet_r50_whole": ("gcnet", 50, "cityscapes_512x1024", (40, 56), None, None),
     "nonlocal_r50_whole": ("nonlocal", 50, "cityscapes_512x1024", (40, 56), None, None),
     "gcnet_r101_whole": ("gcnet", 101, "cityscapes_512x1024", (40, 56), None, None),
-    "nonlocal_r101_whole": ("nonlocal", 101, "cityscapes_512x1024", (40, 56), None, None),
     "gcnet_r50_slide": ("gcnet", 50, "cityscapes_769x769", (56, 80), (40, 56), (24, 32)),
     "nonlocal_r50_slide": ("nonlocal", 50, "cityscapes_769x769", (56, 80), (40, 56), (24, 32)),
 }

@@ -1,0 +1,150 @@
+"""One side of ``bench/detection.py``: a persistent process that loads one detector once and
+answers single-image requests (JSON lines on stdin / stdout).
+
+    python bench/detection_worker.py zoo --row ROW [--checkpoint CK.pth] [--zoo-kwargs JSON]
+    /tmp/mmdet-oracle/venv/bin/python bench/detection_worker.py mmdet --row ROW --checkpoint CK.pth \\
+        --oracle-dir ../shared/oracles
+
+``zoo`` builds the row with :func:`gczoo.create_model` (the mmdetection-layout checkpoint through
+the zoo's own converter; random weights without one); ``mmdet`` builds mmdetection 3.3.0's own
+model of the row from the oracle's config builder (``mmdet_oracle/run.py``) and loads the same
+file strictly. Requests: ``{"image": "X.npy"}`` (an ``(H, W, 3)`` uint8 RGB array, read and
+cached outside any timing), ``{"run": "X.npy"}`` (one timed inference), ``{"quit": true}``.
+
+What one ``run`` covers, on both sides: from the uint8 RGB array in memory to the final boxes,
+scores, labels and binary masks at the original image size, i.e. the test pipeline (mmcv /
+OpenCV resize, normalisation, padding), the network, post-processing and mask pasting.
+mmdetection is given the array in BGR (its ``LoadImageFromNDArray`` convention; the flip is
+done once, outside the timing) and is called through ``inference_detector``; the zoo gets a
+``(3, H, W)`` float tensor in 0-1 (``torch.from_numpy(...).permute(2, 0, 1) / 255``, inside
+the timing) and its mask probabilities are thresholded at 0.5 (inside the timing). Both run
+under ``torch.no_grad``.
+
+Memory: before each run the process's peak-RSS mark is reset (``/proc/self/clear_refs``, 5);
+after it, ``VmHWM`` (the peak RSS during the run) is reported together with ``VmRSS`` just
+after the model was loaded (before any inference), so the parent reports the peak RSS of an
+inference over the loaded model's RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import proc_status_kib, reset_peak_rss  # noqa: E402
+
+KIB = 1024
+
+
+#: bench row -> mmdetection oracle arguments (arch, gc, cascade, dcn); the zoo row is the key itself.
+ROWS = {
+    "maskrcnn_resnet50_fpn_gc_r16": ("r50", "r16", False, False),
+    "maskrcnn_resnet50_fpn": ("r50", "none", False, False),
+    "cascade_maskrcnn_resnext101_32x4d_fpn": ("x101_32x4d", "none", True, False),
+    "cascade_maskrcnn_resnext101_32x4d_fpn_gc_r16": ("x101_32x4d", "r16", True, False),
+    "cascade_maskrcnn_resnext101_32x4d_fpn_gc_r4": ("x101_32x4d", "r4", True, False),
+    "cascade_maskrcnn_resnext101_32x4d_fpn_dconv": ("x101_32x4d", "none", True, True),
+    "cascade_maskrcnn_resnext101_32x4d_fpn_dconv_gc_r16": ("x101_32x4d", "r16", True, True),
+    "cascade_maskrcnn_resnext101_32x4d_fpn_dconv_gc_r4": ("x101_32x4d", "r4", True, True),
+}
+ZOO_TAG = "mmdet_syncbn_1x_coco"  # the synthetic checkpoints are the syncbn-backbone files
+
+
+def zoo_predictor(row: str, checkpoint: str | None, zoo_kwargs: dict):
+    import gczoo
+
+    if checkpoint:
+        model = gczoo.create_model(f"{row}.{ZOO_TAG}", pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint),
+                                   **zoo_kwargs)
+    else:
+        model = gczoo.create_model(row, **zoo_kwargs)
+    model.eval()
+    threshold = model.meta["mask_threshold"]
+
+    def predict(rgb: np.ndarray) -> int:
+        with torch.no_grad():
+            image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+            (det,) = model([image])
+            det["masks"] = det["masks"][:, 0] > threshold
+        return len(det["scores"])
+
+    return predict, lambda rgb: rgb, dict(gczoo=gczoo.__version__)
+
+
+def mmdet_predictor(row: str, checkpoint: str, oracle_dir: str):
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, str(Path(oracle_dir) / "mmdet_oracle"))
+    import mmcv
+    import mmdet
+    from mmdet.apis import inference_detector, init_detector
+    from run import build_config  # the oracle's config builder (mmdetection's own GCNet configs)
+
+    arch, gc, cascade, dcn = ROWS[row]
+    cfg, _ = build_config(arch, gc, cascade, dcn)
+    model = init_detector(cfg, checkpoint=None, device="cpu", palette="coco")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("state_dict", state), strict=True)
+    model.eval()
+
+    def predict(bgr: np.ndarray) -> int:
+        result = inference_detector(model, bgr)  # runs under torch.no_grad
+        return len(result.pred_instances.scores)
+
+    return predict, lambda rgb: np.ascontiguousarray(rgb[..., ::-1]), dict(mmdet=mmdet.__version__, mmcv=mmcv.__version__)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("side", choices=["zoo", "mmdet"])
+    ap.add_argument("--row", required=True, choices=sorted(ROWS))
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--oracle-dir")
+    ap.add_argument("--zoo-kwargs", default="{}", help="JSON build arguments for the zoo model (smoke runs only)")
+    a = ap.parse_args(argv)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+    t0 = time.perf_counter()
+    if a.side == "zoo":
+        predict, to_input, versions = zoo_predictor(a.row, a.checkpoint, json.loads(a.zoo_kwargs))
+    else:
+        if not (a.checkpoint and a.oracle_dir):
+            ap.error("mmdet needs --checkpoint and --oracle-dir")
+        predict, to_input, versions = mmdet_predictor(a.row, a.checkpoint, a.oracle_dir)
+    loaded_kib = proc_status_kib("VmRSS")
+    versions.update(torch=torch.__version__, threads=torch.get_num_threads())
+
+    def reply(**kw) -> None:
+        out.write(json.dumps(kw) + "\n")
+        out.flush()
+
+    reply(ready=True, load_s=time.perf_counter() - t0, loaded_rss_mib=loaded_kib / KIB, versions=versions)
+    images = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req.get("quit"):
+            break
+        if "image" in req:
+            images[req["image"]] = to_input(np.load(req["image"]))
+            reply(ok=True)
+            continue
+        x = images[req["run"]]
+        can_reset = reset_peak_rss()
+        before_kib = proc_status_kib("VmRSS")
+        t = time.perf_counter()
+        n = predict(x)
+        seconds = time.perf_counter() - t
+        peak_kib = proc_status_kib("VmHWM") if can_reset else -KIB
+        reply(seconds=seconds, detections=n, peak_rss_mib=peak_kib / KIB, before_rss_mib=before_kib / KIB,
+              loaded_rss_mib=loaded_kib / KIB)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,9 +23,6 @@ segmentation API: ``model(x)`` on a normalised ``(B, 3, H, W)`` batch returns
   windows larger than the image cut to it (no padding), logits summed and divided by the
   number of windows covering each pixel.
 
-Inference (eval mode) runs channels-last, with each BatchNorm folded into the conv before it
-(:func:`conv_norm`; equal to the two steps up to float rounding); training runs the modules.
-
 A weights tag sets ``num_classes``, ``align_corners`` and the test mode from the manifest, so
 ``create_model(NAME.TAG, pretrained=True)(x)["out"]`` is mmsegmentation's ``inference`` output.
 """
@@ -41,7 +38,7 @@ from .. import registry
 from ..blocks import ContextBlock, NonLocalBlock
 from ..manifest import load_manifest
 from ..convert import load_pretrained
-from .gc_resnet import Bottleneck, frozen_affine
+from .gc_resnet import Bottleneck
 
 __all__ = ["DilatedResNetV1c", "ContextHead", "FCNHead", "SegmentationModel", "sliding_windows", "build"]
 
@@ -55,52 +52,6 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, stri
     """``Conv2d`` (no bias, "same" padding) + ``BatchNorm2d`` + ``ReLU``: mmcv's ``ConvModule``."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward (pre-)hook, of these modules or global, would see a module call."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
-def conv_norm(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, relu: bool = False) -> torch.Tensor:
-    """``norm(conv(x))`` (then an in-place ReLU), with an eval-mode BatchNorm folded into the conv.
-
-    The fold (weight ``W * s``, bias ``b * s + t`` for the norm's per-channel ``x * s + t``, see
-    :func:`~gczoo.models.gc_resnet.frozen_affine`) saves the norm's pass over the output map; it
-    equals the two steps up to float rounding. It is computed at each call (no cached copy of the
-    weights to go stale). Training mode, other norm layers and hooked modules take the modules.
-    """
-    affine = None if _hooked(conv, norm) else frozen_affine(norm)
-    if affine is None:
-        y = norm(conv(x))
-    else:
-        scale, shift = affine
-        bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
-        y = F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
-                     conv.groups)
-    return y.relu_() if relu else y
-
-
-def conv_bn_relu_forward(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` for a :func:`conv_bn_relu` block, through :func:`conv_norm`."""
-    return block(x) if _hooked(block, block[2]) else conv_norm(x, block[0], block[1], relu=True)
-
-
-def bottleneck_forward(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` for the backbone's bottlenecks (no GC / drop extras), each conv's BN folded in eval mode.
-
-    ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))`` as
-    :class:`~gczoo.models.gc_resnet.Bottleneck` computes it, through :func:`conv_norm`.
-    """
-    if block.training or _hooked(block, block.relu):
-        return block(x)
-    shortcut = x if block.downsample is None else conv_norm(x, *block.downsample)
-    out = conv_norm(x, block.conv1, block.bn1, relu=True)
-    out = conv_norm(out, block.conv2, block.bn2, relu=True)
-    return conv_norm(out, block.conv3, block.bn3).add_(shortcut).relu_()
 
 
 class DilatedResNetV1c(nn.Module):
@@ -133,21 +84,10 @@ class DilatedResNetV1c(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        # Module by module, BNs folded in eval mode (conv_norm); a hooked container runs as a module.
-        if _hooked(self.stem):
-            x = self.stem(x)
-        else:
-            for i in range(0, len(self.stem), 3):
-                x = conv_bn_relu_forward(self.stem[i:i + 3], x)
-        x = self.maxpool(x)
+        x = self.maxpool(self.stem(x))
         outs = []
         for name in ("layer1", "layer2", "layer3", "layer4"):
-            stage = getattr(self, name)
-            if _hooked(stage):
-                x = stage(x)
-            else:
-                for block in stage:
-                    x = bottleneck_forward(block, x)
+            x = getattr(self, name)(x)
             outs.append(x)
         return outs
 
@@ -162,8 +102,7 @@ class FCNHead(nn.Module):
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.convs(x) if _hooked(self.convs) else conv_bn_relu_forward(self.convs[0], x)
-        return self.conv_seg(self.dropout(x))
+        return self.conv_seg(self.dropout(self.convs(x)))
 
 
 class ContextHead(nn.Module):
@@ -191,8 +130,8 @@ class ContextHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.context_block if self.head == "gc" else self.nonlocal_block
-        out = conv_bn_relu_forward(self.convs[1], block(conv_bn_relu_forward(self.convs[0], x)))
-        out = conv_bn_relu_forward(self.conv_cat, torch.cat([x, out], dim=1))
+        out = self.convs[1](block(self.convs[0](x)))
+        out = self.conv_cat(torch.cat([x, out], dim=1))
         return self.conv_seg(self.dropout(out))
 
 
@@ -241,14 +180,13 @@ class SegmentationModel(nn.Module):
         self.aux_classifier = FCNHead(1024, 256, num_classes) if aux_loss else None
 
     def encode_decode(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Logits of both heads for one image or window, upsampled to its size (NCHW)."""
+        """Logits of both heads for one image or window, upsampled to its size."""
         features = self.backbone(x)
         size = x.shape[-2:]
         out = {"out": self.classifier(features[3])}
         if self.aux_classifier is not None:
             out["aux"] = self.aux_classifier(features[2])
-        return {k: F.interpolate(v.contiguous(), size=size, mode="bilinear", align_corners=self.align_corners)
-                for k, v in out.items()}
+        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=self.align_corners) for k, v in out.items()}
 
     def slide(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Sliding-window inference: window logits summed, divided by each pixel's window count."""
@@ -264,13 +202,9 @@ class SegmentationModel(nn.Module):
         return {key: value / count for key, value in sums.items()}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if self.training:
+        if self.training or self.test_mode == "whole":
             return self.encode_decode(x)
-        # Inference runs the network channels-last: oneDNN's convolutions then work on the
-        # activations as they are, instead of reordering every NCHW input and output (dilated
-        # stages at stride 8 make these maps large). The logits come back NCHW.
-        x = x.contiguous(memory_format=torch.channels_last)
-        return self.encode_decode(x) if self.test_mode == "whole" else self.slide(x)
+        return self.slide(x)
 
     def extra_repr(self) -> str:
         mode = self.test_mode if self.test_mode == "whole" else f"slide, crop_size={self.crop_size}, stride={self.stride}"

@@ -310,9 +310,7 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
-    common.add_common_args(parser, batch_size=1, tolerance=0.2)
+    parser = common.make_parser(__doc__, batch_size=1, tolerance=0.2)
     parser.add_argument("--split", default="val2017", help="image folder and annotation name (default val2017)")
     parser.add_argument("--annotations", type=Path, metavar="FILE",
                         help="instances annotation file (default: COCO_ROOT/annotations/instances_SPLIT.json)")

@@ -2,7 +2,7 @@
 
 A script built on this module
 
-1. declares the shared flags with :func:`add_common_args` and its own flags beside them;
+1. makes its parser, with the shared flags, with :func:`make_parser` and adds its own flags;
 2. runs its work through :func:`main`, which maps the outcome to the exit code: ``0`` PASS (or
    nothing to compare), ``1`` FAIL, ``2`` bad input -- :class:`BadInput` or one of the zoo's
    own errors (unknown model, malformed manifest, weights unavailable or corrupt, checkpoint
@@ -45,7 +45,7 @@ from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, load_che
 
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
-    "add_common_args", "main", "missing_extra", "error_message", "load_model", "published_metrics", "weights_with_metrics", "compare",
+    "make_parser", "main", "missing_extra", "error_message", "load_model", "published_metrics", "weights_with_metrics", "compare",
     "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table", "verdict_lines",
 ]
 
@@ -66,8 +66,11 @@ BAD_INPUT_ERRORS = (BadInput, UnknownModelError, ManifestError, StateDictMismatc
 
 # --------------------------------------------------------------------------- command line
 
-def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, tolerance: float) -> None:
-    """The flags every evaluation script shares (each script chooses its defaults)."""
+def make_parser(doc: str, *, batch_size: int, tolerance: float) -> argparse.ArgumentParser:
+    """A script's parser: the first paragraph of its docstring, the exit codes, and the flags
+    every evaluation script shares (each script chooses its defaults and adds its own flags)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="NAME[.TAG]",
                       help="model and weights tag to evaluate (default tag of the model if none)")
@@ -91,6 +94,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, toleran
                         help="quick check on the first N samples; reported as such, never PASS/FAIL")
     parser.add_argument("--amp", action="store_true",
                         help="on a GPU, run under float16 autocast (default: float32, as the published numbers)")
+    return parser
 
 
 def _check_common_args(args: argparse.Namespace) -> None:

@@ -435,9 +435,7 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
-    common.add_common_args(parser, batch_size=64, tolerance=0.1)
+    parser = common.make_parser(__doc__, batch_size=64, tolerance=0.1)
     parser.add_argument("--img-size", type=int, help="evaluate at this size instead of the published protocols")
     parser.add_argument("--crop-pct", type=float, help="center-crop fraction instead of the published protocols")
     parser.add_argument("--ground-truth", type=Path, metavar="FILE",

@@ -331,9 +331,7 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
-    common.add_common_args(parser, batch_size=1, tolerance=0.2)
+    parser = common.make_parser(__doc__, batch_size=1, tolerance=0.2)
     parser.add_argument("--aug", choices=("none", "ms_flip"), default="none",
                         help="ms_flip: mmsegmentation's multi-scale (0.5-1.75) + flip test, compared with the "
                              "published ms+flip mIoU")

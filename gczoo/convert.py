@@ -83,6 +83,15 @@ def _with_background_slot(tensor: torch.Tensor, per_class: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros((per_class, *tensor.shape[1:])), tensor])
 
 
+def _rename(key: str, renames) -> str:
+    """``key`` with the first ``(pattern, replacement)`` of ``renames`` that matches its start applied."""
+    for pattern, replacement in renames:
+        new, hits = re.subn("^" + pattern, replacement, key)
+        if hits:
+            return new
+    return key
+
+
 def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
     """mmdetection 2.x (Cascade) Mask R-CNN + FPN -> :mod:`gczoo.models.detection`'s models.
 
@@ -107,11 +116,7 @@ def mmdet_maskrcnn(state_dict: StateDict, model: nn.Module) -> StateDict:
     for key, value in state_dict.items():
         if key.startswith("backbone.") and key.endswith(".num_batches_tracked"):
             continue
-        new = key
-        for pattern, replacement in _MMDET_RENAMES:
-            new, hits = re.subn("^" + pattern, replacement, key)
-            if hits:
-                break
+        new = _rename(key, _MMDET_RENAMES)
         if _CLASSIFIER.match(new):
             value = torch.cat([value[-1:], value[:-1]])
         elif new.startswith("roi_heads.box_predictor.bbox_pred."):
@@ -179,11 +184,7 @@ def mmseg_segmentor(state_dict: StateDict, model: nn.Module) -> StateDict:
     for key, value in state_dict.items():
         if key.startswith("auxiliary_head.") and not keep_aux:
             continue
-        new = key
-        for pattern, replacement in _MMSEG_RENAMES:
-            new, hits = re.subn("^" + pattern, replacement, key)
-            if hits:
-                break
+        new = _rename(key, _MMSEG_RENAMES)
         out[new] = value
     return out
 

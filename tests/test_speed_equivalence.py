@@ -243,7 +243,9 @@ COPY_OPS = {"clone", "_to_copy", "copy_", "contiguous", "_reshape_alias_copy", "
 @pytest.mark.parametrize("train", (False, True), ids=("eval", "train"))
 def test_no_copies_of_feature_maps(layout, train):
     """Neither the GC block nor the GC bottleneck copies a feature map (C x H x W sized tensor) in
-    either memory format, and the output keeps the input's memory format."""
+    either memory format, and the output keeps the input's memory format. In training that holds
+    for the backward pass too: the block's output is no view, so the bottleneck's in-place residual
+    add and ReLU on it do not make autograd copy the map and its gradient (``CopySlices``)."""
     fmt = LAYOUTS[layout]
     block = randomize(Bottleneck(64, 16, context_block=ContextBlock(64, ratio=1 / 4, fusion="add+mul"))).train(train)
     block = block.to(memory_format=fmt)
@@ -252,6 +254,11 @@ def test_no_copies_of_feature_maps(layout, train):
         with torch.no_grad(), OpLog() as log:
             out = module(inp)
         assert out.is_contiguous(memory_format=fmt)
+        if train:
+            leaf = inp.clone().requires_grad_()
+            with OpLog() as backward_log:  # autograd.grad: no .grad accumulation, which copies
+                torch.autograd.grad(module(leaf).sum(), [leaf, *module.parameters()])
+            log.calls += backward_log.calls
         copies = [name for name, ins, _ in log.calls if name in COPY_OPS and any(t.numel() >= 16 * 12 * 12 for t in ins)]
         assert not copies, f"feature maps copied by {copies}"
 
@@ -277,11 +284,15 @@ def test_autocast_softmax_in_fp32(dtype, train):
 
 @pytest.mark.parametrize("train", (False, True), ids=("eval", "train"))
 def test_compiles_without_graph_breaks(train):
-    """torch.compile(fullgraph=True) traces a whole GC-ResNet (any graph break raises); the
-    eager backend keeps this cheap on CPU while exercising the same dynamo tracing."""
+    """torch.compile(fullgraph=True) traces a whole GC-ResNet (any graph break raises) and gives
+    eager's outputs; the eager backend keeps this cheap on CPU while exercising the same dynamo
+    tracing. The NCHW input takes the pooling route that only compiled graphs take (the
+    ``(B, Np, C)`` view), training the channels-last one."""
     torch._dynamo.reset()
     model = randomize(GCResNet((1, 1, 1, 1), num_classes=10, gc_fusion="add+mul")).train(train)
-    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    if train:
+        x = x.to(memory_format=torch.channels_last)
     compiled = torch.compile(model, backend="aot_eager" if train else "eager", fullgraph=True)
     if train:
         expected = forward_backward(copy.deepcopy(model), x)

@@ -18,6 +18,10 @@ the zoo alone, on random weights (no checkpoint maker) and a random image.
 
     python bench/detection.py                      # the three rows at 800x1216 and 480x640
     python bench/detection.py --rows maskrcnn_resnet50_fpn_gc_r16 --sizes 480x640 --rounds 5
+    python bench/detection.py --device cuda        # both sides on the GPU (bench/gpu.sh part D)
+
+On CUDA the memory columns are CUDA memory (peak allocated during one inference over what
+the loaded model holds) instead of RSS.
 """
 from __future__ import annotations
 
@@ -83,6 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--oracle-python", default="/tmp/mmdet-oracle/venv/bin/python", help="the mmdetection oracle's venv")
     ap.add_argument("--workdir", help="where checkpoints and images go (reused if there; default: a temporary dir)")
     ap.add_argument("--zoo-kwargs", default="{}", help="JSON build arguments for the zoo model; zoo-only smoke runs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both sides run")
     a = ap.parse_args(argv)
 
     oracle_dir = Path(a.oracle_dir)
@@ -94,7 +99,8 @@ def main(argv=None) -> None:
     workdir = Path(a.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    lines = ["# gczoo detection vs mmdetection 3.3.0, one image per request, CPU fp32", *environment_lines("cpu")]
+    cuda = torch.device(a.device).type == "cuda"
+    lines = [f"# gczoo detection vs mmdetection 3.3.0, one image per request, {a.device} fp32", *environment_lines(a.device)]
     if have_oracle:
         lines.append(f"oracle: {oracle_dir} with {a.oracle_python}; synthetic checkpoints from mmdet_ckpt.py, "
                      "image from mmdet_oracle/synth_image.py")
@@ -104,8 +110,9 @@ def main(argv=None) -> None:
     lines.append(f"rounds: {a.rounds} interleaved (after {a.warmup} warm-up per side and size); "
                  "timed in each worker from the uint8 image array to final boxes/scores/labels/binary masks at the "
                  "original size (preprocessing and mask pasting included)")
-    lines.append("peak RSS: +MiB = peak RSS during one inference over the worker's RSS with the model loaded "
-                 "(largest over the timed runs); loaded = that RSS")
+    memory = "CUDA memory allocated" if cuda else "RSS"
+    lines.append(f"peak {memory}: +MiB = peak {memory} during one inference over the worker's {memory} with the model "
+                 f"loaded (largest over the timed runs); loaded = that {memory}")
     print("\n".join(lines), flush=True)
 
     table = ["| model | image | zoo s | mmdet s | zoo / mmdet (25-75%) | zoo peak +MiB (loaded) | "
@@ -118,13 +125,15 @@ def main(argv=None) -> None:
             try:
                 if have_oracle:
                     ckpt = make_checkpoint(oracle_dir, row, workdir)
-                    workers["zoo"] = Worker(sys.executable, WORKER, ["zoo", "--row", row, "--checkpoint", str(ckpt)])
+                    workers["zoo"] = Worker(sys.executable, WORKER, ["zoo", "--row", row, "--checkpoint", str(ckpt),
+                                                                     "--device", a.device])
                     workers["mmdet"] = Worker(a.oracle_python, WORKER, ["mmdet", "--row", row, "--checkpoint", str(ckpt),
-                                                                "--oracle-dir", str(oracle_dir)])
+                                                                "--oracle-dir", str(oracle_dir), "--device", a.device])
                     print(f"versions: zoo {workers['zoo'].ready['versions']}; mmdet {workers['mmdet'].ready['versions']}",
                           flush=True)
                 else:
-                    workers["zoo"] = Worker(sys.executable, WORKER, ["zoo", "--row", row, "--zoo-kwargs", a.zoo_kwargs])
+                    workers["zoo"] = Worker(sys.executable, WORKER, ["zoo", "--row", row, "--zoo-kwargs", a.zoo_kwargs,
+                                                                     "--device", a.device])
                 for (h, w), image in images.items():
                     replies: Dict[str, List[dict]] = {name: [] for name in workers}
                     for worker in workers.values():

@@ -1,7 +1,7 @@
 """One side of ``bench/detection.py``: a persistent process that loads one detector once and
 answers single-image requests (JSON lines on stdin / stdout).
 
-    python bench/detection_worker.py zoo --row ROW [--checkpoint CK.pth] [--zoo-kwargs JSON]
+    python bench/detection_worker.py zoo --row ROW [--checkpoint CK.pth] [--zoo-kwargs JSON] [--device cuda]
     /tmp/mmdet-oracle/venv/bin/python bench/detection_worker.py mmdet --row ROW --checkpoint CK.pth \\
         --oracle-dir ../shared/oracles
 
@@ -18,12 +18,16 @@ mmdetection is given the array in BGR (its ``LoadImageFromNDArray`` convention; 
 done once, outside the timing) and is called through ``inference_detector``; the zoo gets a
 ``(3, H, W)`` float tensor in 0-1 (``torch.from_numpy(...).permute(2, 0, 1) / 255``, inside
 the timing) and its mask probabilities are thresholded at 0.5 (inside the timing). Both run
-under ``torch.no_grad``.
+under ``torch.no_grad``. With ``--device cuda`` both models run on the GPU (the image array is
+moved there inside the timing, as each library's own pipeline does it) and a run ends with
+``torch.cuda.synchronize``.
 
-Memory: before each run the process's peak-RSS mark is reset (``/proc/self/clear_refs``, 5);
-after it, ``VmHWM`` (the peak RSS during the run) is reported together with ``VmRSS`` just
+Memory on CPU: before each run the process's peak-RSS mark is reset (``/proc/self/clear_refs``,
+5); after it, ``VmHWM`` (the peak RSS during the run) is reported together with ``VmRSS`` just
 after the model was loaded (before any inference), so the parent reports the peak RSS of an
-inference over the loaded model's RSS.
+inference over the loaded model's RSS. On CUDA the same two readings are
+``torch.cuda.max_memory_allocated`` (reset before each run) and the memory allocated once the
+model was loaded.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ ROWS = {
 ZOO_TAG = "mmdet_syncbn_1x_coco"  # the synthetic checkpoints are the syncbn-backbone files
 
 
-def zoo_predictor(row: str, checkpoint: str | None, zoo_kwargs: dict):
+def zoo_predictor(row: str, checkpoint: str | None, zoo_kwargs: dict, device: torch.device):
     import gczoo
 
     if checkpoint:
@@ -64,12 +68,12 @@ def zoo_predictor(row: str, checkpoint: str | None, zoo_kwargs: dict):
                                    **zoo_kwargs)
     else:
         model = gczoo.create_model(row, **zoo_kwargs)
-    model.eval()
+    model.eval().to(device)
     threshold = model.meta["mask_threshold"]
 
     def predict(rgb: np.ndarray) -> int:
         with torch.no_grad():
-            image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+            image = torch.from_numpy(rgb).to(device).permute(2, 0, 1).float() / 255
             (det,) = model([image])
             det["masks"] = det["masks"][:, 0] > threshold
         return len(det["scores"])
@@ -77,7 +81,7 @@ def zoo_predictor(row: str, checkpoint: str | None, zoo_kwargs: dict):
     return predict, lambda rgb: rgb, dict(gczoo=gczoo.__version__)
 
 
-def mmdet_predictor(row: str, checkpoint: str, oracle_dir: str):
+def mmdet_predictor(row: str, checkpoint: str, oracle_dir: str, device: torch.device):
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -89,7 +93,7 @@ def mmdet_predictor(row: str, checkpoint: str, oracle_dir: str):
 
     arch, gc, cascade, dcn = ROWS[row]
     cfg, _ = build_config(arch, gc, cascade, dcn)
-    model = init_detector(cfg, checkpoint=None, device="cpu", palette="coco")
+    model = init_detector(cfg, checkpoint=None, device=str(device), palette="coco")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("state_dict", state), strict=True)
     model.eval()
@@ -108,17 +112,20 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--oracle-dir")
     ap.add_argument("--zoo-kwargs", default="{}", help="JSON build arguments for the zoo model (smoke runs only)")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
     t0 = time.perf_counter()
     if a.side == "zoo":
-        predict, to_input, versions = zoo_predictor(a.row, a.checkpoint, json.loads(a.zoo_kwargs))
+        predict, to_input, versions = zoo_predictor(a.row, a.checkpoint, json.loads(a.zoo_kwargs), device)
     else:
         if not (a.checkpoint and a.oracle_dir):
             ap.error("mmdet needs --checkpoint and --oracle-dir")
-        predict, to_input, versions = mmdet_predictor(a.row, a.checkpoint, a.oracle_dir)
-    loaded_kib = proc_status_kib("VmRSS")
+        predict, to_input, versions = mmdet_predictor(a.row, a.checkpoint, a.oracle_dir, device)
+    loaded_kib = torch.cuda.memory_allocated(device) / KIB if cuda else proc_status_kib("VmRSS")
     versions.update(torch=torch.__version__, threads=torch.get_num_threads())
 
     def reply(**kw) -> None:
@@ -136,12 +143,21 @@ def main(argv=None) -> None:
             reply(ok=True)
             continue
         x = images[req["run"]]
-        can_reset = reset_peak_rss()
-        before_kib = proc_status_kib("VmRSS")
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            can_reset, before_kib = True, torch.cuda.memory_allocated(device) / KIB
+        else:
+            can_reset, before_kib = reset_peak_rss(), proc_status_kib("VmRSS")
         t = time.perf_counter()
         n = predict(x)
+        if cuda:
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t
-        peak_kib = proc_status_kib("VmHWM") if can_reset else -KIB
+        if cuda:
+            peak_kib = torch.cuda.max_memory_allocated(device) / KIB
+        else:
+            peak_kib = proc_status_kib("VmHWM") if can_reset else -KIB
         reply(seconds=seconds, detections=n, peak_rss_mib=peak_kib / KIB, before_rss_mib=before_kib / KIB,
               loaded_rss_mib=loaded_kib / KIB)
 

@@ -82,6 +82,12 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
     return _pool(flat, _attention_weights(flat, key, mask_bias, rows_last), rows_last)
 
 
+# torch.compiler.is_compiling / is_exporting are newer than the oldest torch this package supports;
+# without them the compile-only route below is simply not taken
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 @torch.jit.unused
 def _compiling_for_cpu_kernels() -> bool:
     """Whether torch.compile (not torch.export) is tracing. Inductor lays out CPU conv
@@ -89,7 +95,7 @@ def _compiling_for_cpu_kernels() -> bool:
     the free one; on ``(B, C, Np)`` it writes a transposed second copy of the pooled map
     (GC-ResNet-50, batch 8: the four c3 kernels that make and pool it took 10.4 ms, 2.4 ms on
     the view)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return _is_compiling() and not _is_exporting()
 
 
 def _attention_weights(flat: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor],

@@ -176,13 +176,17 @@ class _Unavailable(Exception):
     """Internal: one source could not deliver (the message says why); try the next one."""
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+def _file_digest(path: str | os.PathLike, digest) -> str:
+    """Hex digest of a file fed to the ``hashlib`` object ``digest``, read in 1 MiB chunks."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file."""
+    return _file_digest(path, hashlib.sha256())
 
 
 def fetch(model_name: str, tag: str, entry: dict, *, progress: bool = True) -> Path:
@@ -457,11 +461,7 @@ def _hub_digest(path: Path, expected: str) -> tuple[str, str]:
     or, for 40 hex digits, its git blob sha1 (a file stored in git itself, as ``git hash-object``)."""
     if len(expected) == 64:
         return "sha256", sha256_of(path)
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return "git blob sha1", digest.hexdigest()
+    return "git blob sha1", _file_digest(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))
 
 
 def _check_hub_metadata(meta, source: dict, label: str) -> None:

@@ -155,10 +155,10 @@ def main(argv=None) -> None:
                         if key == "seconds":
                             return f"{statistics.median(secs[name]):.2f}"
                         if key == "mem":
-                            if min(r["peak_rss_mib"] for r in rs) < 0:
+                            if min(r["peak_mib"] for r in rs) < 0:
                                 return "n/a"
-                            return (f"{max(r['peak_rss_mib'] - r['loaded_rss_mib'] for r in rs):.0f} "
-                                    f"({rs[0]['loaded_rss_mib']:.0f})")
+                            return (f"{max(r['peak_mib'] - r['loaded_mib'] for r in rs):.0f} "
+                                    f"({rs[0]['loaded_mib']:.0f})")
                         return "/".join(sorted({str(r["detections"]) for r in rs}))
 
                     ratio = "-" if "mmdet" not in replies else f"{stats['ratio']:.3f} ({stats['q25']:.3f}-{stats['q75']:.3f})"

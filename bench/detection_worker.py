@@ -46,6 +46,34 @@ from bench.common import proc_status_kib, reset_peak_rss  # noqa: E402
 KIB = 1024
 
 
+class MemoryReadings:
+    """A run's memory readings in KiB: the process's RSS on CPU, allocated CUDA memory on a GPU.
+
+    ``start`` resets the peak (False where the kernel does not allow it) and, on CUDA, waits for
+    queued work; ``finish`` waits for the run's work, so that timing and peak cover it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+
+    def now(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / KIB if self.cuda else proc_status_kib("VmRSS")
+
+    def start(self) -> bool:
+        if not self.cuda:
+            return reset_peak_rss()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return True
+
+    def finish(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def peak(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / KIB if self.cuda else proc_status_kib("VmHWM")
+
+
 #: bench row -> mmdetection oracle arguments (arch, gc, cascade, dcn); the zoo row is the key itself.
 ROWS = {
     "maskrcnn_resnet50_fpn_gc_r16": ("r50", "r16", False, False),
@@ -115,7 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    cuda = device.type == "cuda"
+    memory = MemoryReadings(device)
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
     t0 = time.perf_counter()
@@ -125,14 +153,14 @@ def main(argv=None) -> None:
         if not (a.checkpoint and a.oracle_dir):
             ap.error("mmdet needs --checkpoint and --oracle-dir")
         predict, to_input, versions = mmdet_predictor(a.row, a.checkpoint, a.oracle_dir, device)
-    loaded_kib = torch.cuda.memory_allocated(device) / KIB if cuda else proc_status_kib("VmRSS")
+    loaded_kib = memory.now()
     versions.update(torch=torch.__version__, threads=torch.get_num_threads())
 
     def reply(**kw) -> None:
         out.write(json.dumps(kw) + "\n")
         out.flush()
 
-    reply(ready=True, load_s=time.perf_counter() - t0, loaded_rss_mib=loaded_kib / KIB, versions=versions)
+    reply(ready=True, load_s=time.perf_counter() - t0, loaded_mib=loaded_kib / KIB, versions=versions)
     images = {}
     for line in sys.stdin:
         req = json.loads(line)
@@ -143,23 +171,15 @@ def main(argv=None) -> None:
             reply(ok=True)
             continue
         x = images[req["run"]]
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            can_reset, before_kib = True, torch.cuda.memory_allocated(device) / KIB
-        else:
-            can_reset, before_kib = reset_peak_rss(), proc_status_kib("VmRSS")
+        can_reset = memory.start()
+        before_kib = memory.now()
         t = time.perf_counter()
         n = predict(x)
-        if cuda:
-            torch.cuda.synchronize(device)
+        memory.finish()
         seconds = time.perf_counter() - t
-        if cuda:
-            peak_kib = torch.cuda.max_memory_allocated(device) / KIB
-        else:
-            peak_kib = proc_status_kib("VmHWM") if can_reset else -KIB
-        reply(seconds=seconds, detections=n, peak_rss_mib=peak_kib / KIB, before_rss_mib=before_kib / KIB,
-              loaded_rss_mib=loaded_kib / KIB)
+        peak_kib = memory.peak() if can_reset else -KIB
+        reply(seconds=seconds, detections=n, peak_mib=peak_kib / KIB, before_mib=before_kib / KIB,
+              loaded_mib=loaded_kib / KIB)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
 
     Logits and pooling are two matrix products on a view of ``x``, never a copy: the
     ``(B, C, Np)`` view for NCHW input, the contiguous ``(B, Np, C)`` view for channels_last
-    (where the logits become a single matrix-vector product) and under torch.compile on CPU. The softmax runs in fp32 (fp64
-    for fp64 input) whatever the input dtype, also under autocast. When gradients are
+    and under torch.compile on CPU (where the logits become a single matrix-vector product).
+    The softmax runs in fp32 (fp64 for fp64 input) whatever the input dtype, also under autocast. When gradients are
     recorded, :class:`_AttentionPool`'s hand-written backward replaces autograd's.
     """
     x = x.flatten(3)  # 5-D video features as (B, C, T, H*W); a 4-D x is returned as is

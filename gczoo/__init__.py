@@ -8,6 +8,8 @@ Start-up stays fast: the package imports neither torch nor timm itself (the comm
 names and shows cards from the manifest alone). The public names are loaded on first use
 (PEP 562), and the timm registration runs as soon as timm is loaded: at once when it already
 is, else right after ``import timm`` completes (the one thing that can look the models up).
+timm's own scripts (``train.py``, ``validate.py``, ...) see the models through
+``python -m gczoo.timm_run SCRIPT ARGS`` (:mod:`gczoo.timm_run`).
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from typing import Any
 
 from .manifest import ManifestError, load_manifest
-from .registry import FAMILY_MODULES, TIMM_FAMILIES, UnknownModelError, create_model, list_models
+from .registry import FAMILY_MODULES, TIMM_FAMILIES, UnknownModelError, builder_module, create_model, list_models
 
 __version__ = "0.1.0"
 
@@ -49,30 +52,47 @@ def _register_with_timm() -> None:
     """Import the modules of the timm-registered families (each registers itself at import).
 
     A module already in ``sys.modules`` is left alone: it is being imported (it imported timm)
-    and registers itself when it finishes.
+    and registers itself when it finishes. A family that fails to import leaves timm usable and
+    says why in a warning (``gczoo.create_model`` raises the error itself).
     """
     for family in TIMM_FAMILIES:
         module = FAMILY_MODULES[family]
         if module not in sys.modules:
-            importlib.import_module(module)
+            try:
+                builder_module(family)
+            except Exception as e:  # noqa: BLE001 -- the import of timm itself succeeded and must stand
+                warnings.warn(f"gczoo could not register its {family} models with timm: {e!r}. "
+                              f"`import {module}` shows the full error.", RuntimeWarning, stacklevel=2)
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
-    """Finds ``timm`` through the other finders and runs :func:`_register_with_timm` once it is loaded."""
+    """First on ``sys.meta_path`` until timm is imported; then runs :func:`_register_with_timm`.
+
+    It finds ``timm`` through the finders behind it and wraps the loader of that spec, so the
+    registration follows the execution of timm's module. Looking timm up without importing it
+    (``importlib.util.find_spec``, as torch.hub's dependency check does) executes nothing, and
+    the finder stays in place for the import that follows.
+    """
 
     def find_spec(self, fullname, path, target=None):
         if fullname != "timm":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenRegister(spec.loader)
-        return spec
+        for finder in list(sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenRegister(spec.loader, self)
+                return spec
+        return None
 
 
 class _ThenRegister(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader):
-        self.loader = loader
+    """Loads timm with its own loader, puts that loader back on the module, then registers the zoo."""
+
+    def __init__(self, loader: importlib.abc.Loader, finder: _RegisterAfterTimm):
+        self.loader, self.finder = loader, finder
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loader, name)
@@ -81,7 +101,10 @@ class _ThenRegister(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
         _register_with_timm()
 
 

@@ -19,6 +19,7 @@ import fnmatch
 import importlib
 import logging
 import warnings
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from .manifest import load_manifest
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # torch and timm are imported where a model is built, so list
     import torch
 
 __all__ = ["create_model", "list_models", "split_name", "model_entry", "weights_entry", "check_name",
-           "entrypoint", "pretrained_tag", "UnknownModelError", "TIMM_FAMILIES"]
+           "entrypoint", "pretrained_tag", "builder_module", "UnknownModelError", "TIMM_FAMILIES"]
 
 _logger = logging.getLogger(__name__)
 #: ``arch.tag`` of backbone weights whose new classifier head was already warned about (once per process).
@@ -44,6 +45,12 @@ TIMM_FAMILIES = ("gc_resnet",)
 
 class UnknownModelError(ValueError):
     """A model name or weights tag that the manifest does not hold."""
+
+
+def builder_module(family: str) -> ModuleType:
+    """The imported module that builds ``family``. A module of :data:`TIMM_FAMILIES` registers its
+    architectures with timm when imported, so timm knows them after this call whatever was imported before."""
+    return importlib.import_module(FAMILY_MODULES[family])
 
 
 def _manifest() -> dict:
@@ -217,7 +224,7 @@ def entrypoint(arch: str) -> Callable[..., torch.nn.Module]:
     from . import convert, hosted
 
     model = model_entry(arch)
-    module = importlib.import_module(FAMILY_MODULES[model["family"]])
+    module = builder_module(model["family"])
 
     def build(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
         kwargs = {**model["arch"], **kwargs}
@@ -287,7 +294,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
             tag, entry = weights_entry(arch, tag)
             _overlay_weights_file(arch, tag, entry, kwargs)
         return timm.create_model(f"{arch}.{tag}" if tag else arch, pretrained=pretrained, **kwargs)
-    if model["family"] == "gc_resnet":
+    if model["family"] in TIMM_FAMILIES:
+        builder_module(model["family"])
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     if tag is not None:
         kwargs.setdefault("pretrained_cfg", tag)

@@ -91,7 +91,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any):
     """Build the model a published repo describes (any family); ``pretrained`` loads its weights."""
     import timm
 
-    from .registry import entrypoint, model_entry
+    from .registry import TIMM_FAMILIES, builder_module, entrypoint, model_entry
 
     repo_id, revision = split_repo(name)
     config = read_config(repo_id, revision)
@@ -107,6 +107,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any):
                 path, _ = fetch_weights(arch, repo_id, revision)
                 kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=path,
                                                         source=None)
+        if family in TIMM_FAMILIES:
+            builder_module(family)
         return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
     cfg = {"tag": config.get("tag"), "hf_hub_id": f"{repo_id}@{revision}", "source": "hf-hub"}
     return entrypoint(arch)(pretrained=pretrained, pretrained_cfg=cfg, **kwargs)

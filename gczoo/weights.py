@@ -387,10 +387,12 @@ def _fetch_source(source: dict, label: str, progress: bool) -> Path:
 
 
 def _cache_fix(path: Path) -> str:
-    """What to do about a cache folder that cannot take a file: the variable that moves it elsewhere."""
-    if _inside(path, Path(_hf_cache_dir() or hf_constants.HF_HUB_CACHE)):
+    """What to do about a cache folder (or a folder above it, being made) that cannot take a file:
+    the variable that moves the cache elsewhere."""
+    hub, torch_hub = Path(_hf_cache_dir() or hf_constants.HF_HUB_CACHE), Path(torch.hub.get_dir())
+    if _inside(path, hub) or _inside(hub, path):
         var = "HF_HUB_CACHE (or HF_HOME)"
-    elif _inside(path, Path(torch.hub.get_dir())):
+    elif _inside(path, torch_hub) or _inside(torch_hub, path):
         var = "TORCH_HOME"
     else:
         return "Free space there or make it writable, or write to another folder."
@@ -966,9 +968,17 @@ def _download(url: str, partial: Path, progress: bool, label: str, size: int | N
             if total is None or partial.stat().st_size == total:
                 return
         else:
+            _drop_if_empty(partial)
             raise _Unavailable(f"download of {url} interrupted {_MAX_ATTEMPTS} times")
+    _drop_if_empty(partial)
     raise _Unavailable(
         f"download of {url} did not finish within the deadline of {deadline.seconds:g} s (GCZOO_DOWNLOAD_TIMEOUT)")
+
+
+def _drop_if_empty(partial: Path) -> None:
+    """Remove a partial file that holds nothing to resume (e.g. headers cut off at the deadline)."""
+    if partial.is_file() and not partial.is_symlink() and partial.stat().st_size == 0:
+        partial.unlink()
 
 
 def _check_room(url: str, partial: Path, label: str, need: int, reclaimed: int, bound: str) -> None:

@@ -13,8 +13,9 @@ Policy, in one place:
   manifest (or with the hub's own LFS hash) is deleted and :class:`WeightsIntegrityError` is
   raised at once, without trying other sources, because a mismatch means corruption or
   tampering somewhere the user has to know about.
-* **Hugging Face sources** are probed with ``huggingface_hub.get_hf_file_metadata`` (ETag,
-  commit, size), then downloaded by gczoo itself, through the same bounded download as URL
+* **Hugging Face sources** are probed with a HEAD request as ``huggingface_hub.get_hf_file_metadata``
+  makes it (ETag, commit, size; made by gczoo so that the overall deadline covers it), then
+  downloaded by gczoo itself, through the same bounded download as URL
   sources, from the probed commit, and kept in huggingface_hub's cache layout (``blobs/<etag>``,
   ``snapshots/<commit>/<file>`` linking to it, ``refs/<revision>``), so that huggingface_hub's
   own offline lookup finds them. ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and
@@ -22,9 +23,9 @@ Policy, in one place:
   at import). The file is hashed and compared with the pinned ``sha256`` or, when none is
   pinned, with the hub's ETag: the sha256 of an LFS file (every safetensors file on the hub),
   the git blob sha1 of a file stored in git. A download takes the blob's name only once it
-  matches; a failed one leaves nothing in the cache (no partial file to resume). A blob found in
-  the cache is hashed again on every fetch (any user of the cache may have written it); a bad
-  one is removed (blob and snapshot link).
+  matches; a failed one leaves nothing in the cache (no partial file to resume), and the
+  temporary file of a writer killed midway is removed by the next one holding the blob's lock.
+  Repo id, file name and revision must be plain names (they become paths).
 * **URL sources** (torch.hub convention) are streamed with ``requests`` into
   ``torch.hub.get_dir()/checkpoints`` (``TORCH_HOME`` respected) through ``<name>.partial``;
   an interrupted download is resumed with an HTTP ``Range`` request (a server that ignores
@@ -32,20 +33,33 @@ Policy, in one place:
   full ``sha256`` when pinned, else against ``sha256_prefix`` (the hash prefix carried in the
   upstream file name), *before* it is moved to its final name. ``GCZOO_MIRROR=http://host:port``
   replaces scheme and host of every URL source and keeps the path.
+* **A cached file is hashed again on every use**, online and offline (any user of the cache may
+  have replaced it since it was verified): a hub blob against its pin or its name (the ETag), a
+  URL file as served against its pin or prefix, a converted pickle against the sha256 recorded
+  in ``checkpoints/.digests`` when it was converted. A mismatch removes the file and raises
+  :class:`WeightsIntegrityError`. The cost is one sha256 pass per load (about 0.2 s per 100 MB).
 * **Hostile answers are refused, never stored.** The hub's ETag and commit become cache paths,
   so gczoo's metadata probe accepts only a hex ETag (sha256 of an LFS file, or a git sha1) and
   a 40-hex commit, and every blob and snapshot link must resolve inside the repository's cache
   folder: anything else raises :class:`UnsafeDownloadError` (a cached file failing this is
   removed). Every download is bounded by the expected size (the source's ``size``, else the
-  hub's announced size or ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`), refuse
-  any ``Content-Encoding`` but identity (nothing is ever decompressed), and end at an overall
-  deadline (``GCZOO_DOWNLOAD_TIMEOUT`` seconds, default :data:`DEFAULT_DOWNLOAD_TIMEOUT`).
-* **A hash prefix is weak.** 8 hex digits are 32 bits: a file with a chosen prefix is found in
-  minutes. A source pinned only by ``sha256_prefix`` is used from its original https address;
-  through ``GCZOO_MIRROR`` or over plain http it needs a full ``sha256`` pin, or the explicit
-  opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1`` (:class:`WeakPinError` otherwise).
-* **Links are not followed** for the cache's ``.partial`` and final files: a symbolic link
-  planted there is removed and :class:`UnsafeCachePathError` raised.
+  hub's announced size or ``Content-Length``, believed up to :data:`MAX_UNSIZED_DOWNLOAD`, else
+  that bound), checked against the disk's free space before writing, refuses any
+  ``Content-Encoding`` but identity (nothing is ever decompressed), and ends at an overall
+  deadline (``GCZOO_DOWNLOAD_TIMEOUT`` seconds, default :data:`DEFAULT_DOWNLOAD_TIMEOUT`) that
+  covers connect, status line, headers, the hub probe and the body: a watchdog thread shuts the
+  connection down then, whatever the reading thread is waiting for.
+* **A hash prefix is weak, an ETag vouches only for its own server.** 8 hex digits are 32 bits: a
+  file with a chosen prefix is found in minutes; a hub mirror reports the ETag of whatever it
+  serves. A source without a full ``sha256`` pin (prefix-only URL, unpinned hub file) is used
+  from its original https address only; through ``GCZOO_MIRROR``, ``HF_ENDPOINT`` or plain http
+  it needs a full pin, or the explicit opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1``
+  (:class:`WeakPinError` otherwise).
+* **Links are not followed** for the cache's ``.partial``, final, digest and lock files, nor
+  for the folders of a hub repo's cache (``blobs``, ``snapshots/<commit>``, ``refs``): a symbolic
+  link planted there is removed (never what it points to) and :class:`UnsafeCachePathError` raised.
+* **A cache that cannot be written** (read-only, full, over a quota or file size limit) raises
+  :class:`CacheWriteError` naming the folder and the variable that moves it; nothing partial stays.
 * **Offline** (``HF_HUB_OFFLINE`` or ``GCZOO_OFFLINE`` set to 1/true/yes/on): no network at all;
   only cached files are used.
 * **Pickles** are read only with ``torch.load(..., weights_only=True)``; anything but tensors and
@@ -429,7 +443,7 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
     cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
     cached = Path(cached) if isinstance(cached, str) else None
     meta = None
-    with _Deadline() as deadline:
+    with nullcontext() if offline else _Deadline() as deadline:
         if not offline:
             try:
                 meta = _hub_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), deadline)
@@ -531,10 +545,11 @@ def _hub_metadata(url: str, deadline: "_Deadline") -> _HubFile:
                 break
             url = urljoin(url, location)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
-        if deadline.expired:
-            raise _Unavailable(f"the hub did not answer {url} within the deadline of {deadline.seconds:g} s "
-                               "(GCZOO_DOWNLOAD_TIMEOUT)") from err
-        raise _Unavailable(_reason(err)) from err
+        if not deadline.expired:
+            raise _Unavailable(_reason(err)) from err
+    if deadline.expired:  # an answer cut off by the watchdog (headers cut short may look complete)
+        raise _Unavailable(f"the hub did not answer {url} within the deadline of {deadline.seconds:g} s "
+                           "(GCZOO_DOWNLOAD_TIMEOUT)")
     if resp.status_code >= 400:
         code = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", resp.headers.get("X-Error-Code", ""))  # EntryNotFound
         detail = ": ".join(v for v in (code, resp.headers.get("X-Error-Message")) if v)

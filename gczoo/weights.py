@@ -141,6 +141,7 @@ MAX_AMPLIFICATION = 4
 _AMPLIFICATION_SLACK = 1 << 20
 _MAX_ATTEMPTS = 5  # URL download attempts, each one resuming where the previous one stopped
 _MAX_HUB_REDIRECTS = 5  # relative redirects of the hub's metadata probe (a renamed repo)
+_HUB_ORIGIN = "https://huggingface.co"  # the hub itself; any other HF_ENDPOINT is a mirror
 _HUB_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git sha1 (regular file) or sha256 (LFS file)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -718,9 +719,8 @@ def _check_pin_strength(source: dict, url: str, label: str) -> None:
     if source.get("sha256") or allow_prefix_only():
         return
     hub = source.get("type") == "hf_hub"
-    origin = hf_constants._HF_DEFAULT_ENDPOINT if hub else source["url"]
-    mirrored, plain = urlsplit(url).netloc != urlsplit(origin).netloc or not hub and url != origin, \
-        urlsplit(url).scheme != "https"
+    mirrored = urlsplit(url).netloc != urlsplit(_HUB_ORIGIN).netloc if hub else url != source["url"]
+    plain = urlsplit(url).scheme != "https"
     if not (mirrored or plain):
         return
     if hub:

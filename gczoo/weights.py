@@ -37,7 +37,7 @@ Policy, in one place:
   have replaced it since it was verified): a hub blob against its pin or its name (the ETag), a
   URL file as served against its pin or prefix, a converted pickle against the sha256 recorded
   in ``checkpoints/.digests`` when it was converted. A mismatch removes the file and raises
-  :class:`WeightsIntegrityError`. The cost is one sha256 pass per load (about 0.2 s per 100 MB).
+  :class:`WeightsIntegrityError`. The cost is one sha256 pass per load (about 0.1 s of CPU per 100 MB).
 * **Hostile answers are refused, never stored.** The hub's ETag and commit become cache paths,
   so gczoo's metadata probe accepts only a hex ETag (sha256 of an LFS file, or a git sha1) and
   a 40-hex commit, and every blob and snapshot link must resolve inside the repository's cache

@@ -386,15 +386,22 @@ def _fetch_source(source: dict, label: str, progress: bool) -> Path:
     kind = source.get("type")
     if kind not in ("hf_hub", "url"):
         raise WeightsError(f"{label}: unknown weights source type {kind!r} (expected 'hf_hub' or 'url')")
-    try:
+    folder = Path(_hf_cache_dir() or hf_constants.HF_HUB_CACHE) if kind == "hf_hub" else \
+        Path(torch.hub.get_dir()) / "checkpoints"
+    with _named_write_errors(source, label, folder):
         return _fetch_hf(source, label, progress) if kind == "hf_hub" else _fetch_url(source, label, progress)
+
+
+@contextmanager
+def _named_write_errors(source: dict, label: str, folder: Path) -> Iterator[None]:
+    """Turn an OSError of a folder that cannot be written (read-only, full, ...) into :class:`CacheWriteError`."""
+    try:
+        yield
     except OSError as err:
         why = _CACHE_WRITE_ERRNOS.get(err.errno)
         if why is None or isinstance(err, requests.RequestException):
             raise
-        where = Path(err.filename) if err.filename else \
-            Path(_hf_cache_dir() or hf_constants.HF_HUB_CACHE) if kind == "hf_hub" else \
-            Path(torch.hub.get_dir()) / "checkpoints"
+        where = Path(err.filename) if err.filename else folder
         raise CacheWriteError(
             f"{label}: cannot write {where} for {_describe(source)}: {why} (errno {errno.errorcode.get(err.errno)}). "
             f"Nothing partial was kept. {_cache_fix(where)}"
@@ -1253,21 +1260,22 @@ def download_upstream(
                 raise WeightsError(f"{label}: url source {source['url']} does not end in a file name")
         dest = to_dir / name
         partial = dest.with_name(dest.name + ".partial")
-        to_dir.mkdir(parents=True, exist_ok=True)
-        for path in (dest, partial):  # never read or written through: the verified file replaces a link
-            if path.is_symlink():
-                path.unlink()
-        if dest.is_file() and matching_source([source], sha256_of(dest))[0] is not None:
+        with _named_write_errors(source, label, to_dir):
+            to_dir.mkdir(parents=True, exist_ok=True)
+            for path in (dest, partial):  # never read or written through: the verified file replaces a link
+                if path.is_symlink():
+                    path.unlink()
+            if dest.is_file() and matching_source([source], sha256_of(dest))[0] is not None:
+                return dest, source
+            if _offline():
+                failures.append(f"{_describe(source)}: offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set)")
+                continue
+            try:
+                _download(url, partial, progress, label, source.get("size"))
+            except _Unavailable as err:
+                failures.append(f"{_describe(source)}: {err}")
+                continue
+            _verify(partial, source, label, url)
+            os.replace(partial, dest)
             return dest, source
-        if _offline():
-            failures.append(f"{_describe(source)}: offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set)")
-            continue
-        try:
-            _download(url, partial, progress, label, source.get("size"))
-        except _Unavailable as err:
-            failures.append(f"{_describe(source)}: {err}")
-            continue
-        _verify(partial, source, label, url)
-        os.replace(partial, dest)
-        return dest, source
     raise WeightsUnavailableError(_unavailable_message(label, failures), label=label, tried=failures)

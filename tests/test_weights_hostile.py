@@ -450,7 +450,11 @@ for step in json.loads(sys.argv[1]):
         continue
     os.environ.update(step["env"])
     try:
-        result = {"path": str(weights.fetch("tiny", step["name"], step["entry"], progress=False))}
+        if "to" in step:  # `gczoo download NAME --to DIR`
+            path = weights.download_upstream("tiny", step["name"], step["entry"], step["to"], progress=False)[0]
+        else:
+            path = weights.fetch("tiny", step["name"], step["entry"], progress=False)
+        result = {"path": str(path)}
     except Exception as err:  # the test asserts the type: a raw OSError is a failure
         result = {"error": type(err).__name__, "message": str(err)}
     result["left"] = sorted(str(p) for d in step.get("check", []) for p in Path(d).rglob("*")
@@ -570,6 +574,8 @@ def test_full_and_read_only_caches_are_named_errors_and_leave_nothing(weights_en
             {"name": "ro-hub", "env": {"HF_HUB_OFFLINE": "0"}, "entry": {"sources": [{**hub_source, "revision": hub.commit}]},
              "check": [str(frozen)]},
             {"name": "ro-url", "env": {}, "entry": {"sources": [_url(files, path, sha256=sha)]}, "check": [str(frozen)]},
+            {"name": "ro-download", "env": {}, "entry": {"sources": [_url(files, path, sha256=sha)]},
+             "to": str(frozen / "out"), "check": [str(frozen)]},
         ]
         results = _attacked(steps, mounts=[(small, "size=1m"), (frozen, "size=8m")])
     assert results["room"]["error"] == "CacheWriteError", results["room"]
@@ -584,7 +590,10 @@ def test_full_and_read_only_caches_are_named_errors_and_leave_nothing(weights_en
         assert results[name]["error"] == "CacheWriteError", results[name]
         assert "the file system is read-only (errno EROFS)" in results[name]["message"]
         assert var in results[name]["message"] and "tiny." + name in results[name]["message"]
-    assert results["ro-url"]["left"] == results["ro-hub"]["left"]  # nothing new: the file fetched before only
+    assert results["ro-download"]["error"] == "CacheWriteError", results["ro-download"]
+    assert f"cannot write {frozen}/out" in results["ro-download"]["message"]
+    assert "read-only (errno EROFS)" in results["ro-download"]["message"]
+    assert results["ro-url"]["left"] == results["ro-hub"]["left"] == results["ro-download"]["left"]  # the file fetched before only
 
 
 def test_unpinned_hub_source_behind_a_mirror_needs_a_pin_or_the_opt_in(hub_server, monkeypatch, tmp_path):

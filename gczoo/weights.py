@@ -13,8 +13,9 @@ Policy, in one place:
   manifest (or with the hub's own LFS hash) is deleted and :class:`WeightsIntegrityError` is
   raised at once, without trying other sources, because a mismatch means corruption or
   tampering somewhere the user has to know about.
-* **Hugging Face sources** are probed with ``huggingface_hub.get_hf_file_metadata`` (ETag,
-  commit, size), then downloaded by gczoo itself, through the same bounded download as URL
+* **Hugging Face sources** are probed with a HEAD request as ``huggingface_hub.get_hf_file_metadata``
+  makes it (ETag, commit, size; made by gczoo so that the overall deadline covers it), then
+  downloaded by gczoo itself, through the same bounded download as URL
   sources, from the probed commit, and kept in huggingface_hub's cache layout (``blobs/<etag>``,
   ``snapshots/<commit>/<file>`` linking to it, ``refs/<revision>``), so that huggingface_hub's
   own offline lookup finds them. ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME`` and
@@ -22,9 +23,9 @@ Policy, in one place:
   at import). The file is hashed and compared with the pinned ``sha256`` or, when none is
   pinned, with the hub's ETag: the sha256 of an LFS file (every safetensors file on the hub),
   the git blob sha1 of a file stored in git. A download takes the blob's name only once it
-  matches; a failed one leaves nothing in the cache (no partial file to resume). A blob found in
-  the cache is hashed again on every fetch (any user of the cache may have written it); a bad
-  one is removed (blob and snapshot link).
+  matches; a failed one leaves nothing in the cache (no partial file to resume), and the
+  temporary file of a writer killed midway is removed by the next one holding the blob's lock.
+  Repo id, file name and revision must be plain names (they become paths).
 * **URL sources** (torch.hub convention) are streamed with ``requests`` into
   ``torch.hub.get_dir()/checkpoints`` (``TORCH_HOME`` respected) through ``<name>.partial``;
   an interrupted download is resumed with an HTTP ``Range`` request (a server that ignores
@@ -32,20 +33,33 @@ Policy, in one place:
   full ``sha256`` when pinned, else against ``sha256_prefix`` (the hash prefix carried in the
   upstream file name), *before* it is moved to its final name. ``GCZOO_MIRROR=http://host:port``
   replaces scheme and host of every URL source and keeps the path.
+* **A cached file is hashed again on every use**, online and offline (any user of the cache may
+  have replaced it since it was verified): a hub blob against its pin or its name (the ETag), a
+  URL file as served against its pin or prefix, a converted pickle against the sha256 recorded
+  in ``checkpoints/.digests`` when it was converted. A mismatch removes the file and raises
+  :class:`WeightsIntegrityError`. The cost is one sha256 pass per load (about 0.1 s of CPU per 100 MB).
 * **Hostile answers are refused, never stored.** The hub's ETag and commit become cache paths,
   so gczoo's metadata probe accepts only a hex ETag (sha256 of an LFS file, or a git sha1) and
   a 40-hex commit, and every blob and snapshot link must resolve inside the repository's cache
   folder: anything else raises :class:`UnsafeDownloadError` (a cached file failing this is
   removed). Every download is bounded by the expected size (the source's ``size``, else the
-  hub's announced size or ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`), refuse
-  any ``Content-Encoding`` but identity (nothing is ever decompressed), and end at an overall
-  deadline (``GCZOO_DOWNLOAD_TIMEOUT`` seconds, default :data:`DEFAULT_DOWNLOAD_TIMEOUT`).
-* **A hash prefix is weak.** 8 hex digits are 32 bits: a file with a chosen prefix is found in
-  minutes. A source pinned only by ``sha256_prefix`` is used from its original https address;
-  through ``GCZOO_MIRROR`` or over plain http it needs a full ``sha256`` pin, or the explicit
-  opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1`` (:class:`WeakPinError` otherwise).
-* **Links are not followed** for the cache's ``.partial`` and final files: a symbolic link
-  planted there is removed and :class:`UnsafeCachePathError` raised.
+  hub's announced size or ``Content-Length``, believed up to :data:`MAX_UNSIZED_DOWNLOAD`, else
+  that bound), checked against the disk's free space before writing, refuses any
+  ``Content-Encoding`` but identity (nothing is ever decompressed), and ends at an overall
+  deadline (``GCZOO_DOWNLOAD_TIMEOUT`` seconds, default :data:`DEFAULT_DOWNLOAD_TIMEOUT`) that
+  covers connect, status line, headers, the hub probe and the body: a watchdog thread shuts the
+  connection down then, whatever the reading thread is waiting for.
+* **A hash prefix is weak, an ETag vouches only for its own server.** 8 hex digits are 32 bits: a
+  file with a chosen prefix is found in minutes; a hub mirror reports the ETag of whatever it
+  serves. A source without a full ``sha256`` pin (prefix-only URL, unpinned hub file) is used
+  from its original https address only; through ``GCZOO_MIRROR``, ``HF_ENDPOINT`` or plain http
+  it needs a full pin, or the explicit opt-in ``GCZOO_ALLOW_PREFIX_ONLY=1``
+  (:class:`WeakPinError` otherwise).
+* **Links are not followed** for the cache's ``.partial``, final, digest and lock files, nor
+  for the folders of a hub repo's cache (``blobs``, ``snapshots/<commit>``, ``refs``): a symbolic
+  link planted there is removed (never what it points to) and :class:`UnsafeCachePathError` raised.
+* **A cache that cannot be written** (read-only, full, over a quota or file size limit) raises
+  :class:`CacheWriteError` naming the folder and the variable that moves it; nothing partial stays.
 * **Offline** (``HF_HUB_OFFLINE`` or ``GCZOO_OFFLINE`` set to 1/true/yes/on): no network at all;
   only cached files are used.
 * **Pickles** are read only with ``torch.load(..., weights_only=True)``; anything but tensors and
@@ -65,19 +79,23 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import NamedTuple
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import filelock
 import requests
 import torch
 import urllib3
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import HTTPError as HubHTTPError  # the hub client's transport errors
-from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import build_hf_headers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -93,6 +111,7 @@ __all__ = [
     "UnsafeDownloadError",
     "UnsafeCachePathError",
     "WeakPinError",
+    "CacheWriteError",
     "fetch",
     "fetch_with_source",
     "fetch_hub_file",
@@ -113,16 +132,27 @@ _DOWNLOAD_CHUNK = 64 << 10  # small, so that a connection dropping mid-chunk los
 _CONNECT_TIMEOUT, _READ_TIMEOUT = 10, 60  # seconds, per connection attempt / per read
 #: Overall limit of one URL download in seconds (all attempts together); ``GCZOO_DOWNLOAD_TIMEOUT`` overrides it.
 DEFAULT_DOWNLOAD_TIMEOUT = 3600.0
-#: Size bound of a URL download when neither the manifest nor the server states a size.
+#: Largest download whose size the manifest does not state: the bound when no size is known at
+#: all, and the most a server's own announced size (``Content-Length``, the hub's metadata) is believed.
 MAX_UNSIZED_DOWNLOAD = 2 << 30
 #: A pickle whose tensors materialise to more than this many times its file size (plus
 #: ``_AMPLIFICATION_SLACK``) is refused: stride-0 views let a tiny file claim gigabytes.
 MAX_AMPLIFICATION = 4
 _AMPLIFICATION_SLACK = 1 << 20
 _MAX_ATTEMPTS = 5  # URL download attempts, each one resuming where the previous one stopped
+_MAX_HUB_REDIRECTS = 5  # relative redirects of the hub's metadata probe (a renamed repo)
+_HUB_ORIGIN = "https://huggingface.co"  # the hub itself; any other HF_ENDPOINT is a mirror
 _HUB_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git sha1 (regular file) or sha256 (LFS file)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+# one component of a hub repo id, revision or file name: no "..", no hidden or empty name
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# the temporary files of fileio.atomic_path: ".<final name>.<random>.partial"
+_ATOMIC_PARTIAL = re.compile(r"\.(.+)\.[^.]+\.partial")
+# errors of a cache that cannot be written, named by CacheWriteError
+_CACHE_WRITE_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                       errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+                       errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG: "the file size limit is reached"}
 _TRUE = {"1", "true", "yes", "on"}
 # safetensors metadata keys written when a pickle is converted (provenance of the tensors)
 _META_SOURCE = "gczoo_source"
@@ -172,6 +202,11 @@ class WeakPinError(WeightsError):
     """A source pinned only by a hash prefix would be fetched from a mirror or over plain http."""
 
 
+class CacheWriteError(WeightsError):
+    """A cache could not be written: read-only, full, or over a quota or file size limit. Nothing
+    partial was left; the message names the folder and where to point the cache instead."""
+
+
 class _Unavailable(Exception):
     """Internal: one source could not deliver (the message says why); try the next one."""
 
@@ -218,7 +253,7 @@ def fetch_hub_file(repo_id: str, filename: str, revision: str = "main") -> Path:
     source = {"type": "hf_hub", "repo_id": repo_id, "filename": filename, "revision": revision, "format": "json",
               "sha256": None}
     try:
-        return _fetch_hf(source, f"hf-hub:{repo_id}", progress=False)
+        return _fetch_source(source, f"hf-hub:{repo_id}", progress=False)
     except _Unavailable as err:
         raise WeightsUnavailableError(
             f"cannot read {filename} of the hub repo {repo_id}@{revision} ({_describe(source)}): {err}. "
@@ -347,21 +382,53 @@ def offline() -> bool:
 
 
 def _fetch_source(source: dict, label: str, progress: bool) -> Path:
+    """One source's verified local file; a cache that cannot be written raises :class:`CacheWriteError`."""
     kind = source.get("type")
-    if kind == "hf_hub":
-        return _fetch_hf(source, label, progress)
-    if kind == "url":
-        return _fetch_url(source, label, progress)
-    raise WeightsError(f"{label}: unknown weights source type {kind!r} (expected 'hf_hub' or 'url')")
+    if kind not in ("hf_hub", "url"):
+        raise WeightsError(f"{label}: unknown weights source type {kind!r} (expected 'hf_hub' or 'url')")
+    folder = Path(_hf_cache_dir() or hf_constants.HF_HUB_CACHE) if kind == "hf_hub" else \
+        Path(torch.hub.get_dir()) / "checkpoints"
+    with _named_write_errors(source, label, folder):
+        return _fetch_hf(source, label, progress) if kind == "hf_hub" else _fetch_url(source, label, progress)
+
+
+@contextmanager
+def _named_write_errors(source: dict, label: str, folder: Path) -> Iterator[None]:
+    """Turn an OSError of a folder that cannot be written (read-only, full, ...) into :class:`CacheWriteError`."""
+    try:
+        yield
+    except OSError as err:
+        why = _CACHE_WRITE_ERRNOS.get(err.errno)
+        if why is None or isinstance(err, requests.RequestException):
+            raise
+        where = Path(err.filename) if err.filename else folder
+        raise CacheWriteError(
+            f"{label}: cannot write {where} for {_describe(source)}: {why} (errno {errno.errorcode.get(err.errno)}). "
+            f"Nothing partial was kept. {_cache_fix(where)}"
+        ) from err
+
+
+def _cache_fix(path: Path) -> str:
+    """What to do about a cache folder (or a folder above it, being made) that cannot take a file:
+    the variable that moves the cache elsewhere."""
+    hub, torch_hub = Path(_hf_cache_dir() or hf_constants.HF_HUB_CACHE), Path(torch.hub.get_dir())
+    if _inside(path, hub) or _inside(hub, path):
+        var = "HF_HUB_CACHE (or HF_HOME)"
+    elif _inside(path, torch_hub) or _inside(torch_hub, path):
+        var = "TORCH_HOME"
+    else:
+        return "Free space there or make it writable, or write to another folder."
+    return (f"Free space there or make it writable, or set {var} to a writable folder with room; with "
+            "GCZOO_OFFLINE=1 a cache filled elsewhere is read without writing to it.")
 
 
 def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
     """A hub file: gczoo's metadata probe, then gczoo's own download into huggingface_hub's cache layout.
 
-    The probe gives up at once on an unreachable hub (hf_hub_download would retry with backoff
-    for ~25 s before the next source could be tried) and checks the ETag, commit and size the
-    hub announces. The body then comes through :func:`_download` (size cap, identity encoding,
-    overall deadline) from the probed commit, into a temporary file in the cache's ``blobs``
+    The probe (a HEAD request, as ``huggingface_hub.get_hf_file_metadata`` makes) gives up at once
+    on an unreachable hub and checks the ETag, commit and size the hub announces; it and the body
+    share one overall deadline. The body then comes through :func:`_download` (size cap, identity
+    encoding, free space) from the probed commit, into a temporary file in the cache's ``blobs``
     folder that takes the blob's name only once its hash matches; no ``.incomplete`` file of
     huggingface_hub's is ever made. The blob, its snapshot link and the revision's ref are those
     ``hf_hub_download`` would write, so huggingface_hub's own cache lookups (offline, or another
@@ -375,75 +442,156 @@ def _fetch_hf(source: dict, label: str, progress: bool) -> Path:
         )
     repo_id, filename = source["repo_id"], source["filename"]
     revision = source.get("revision", "main")
+    _check_hub_names(repo_id, filename, revision, label)
     cache_dir, endpoint, offline = _hf_cache_dir(), os.environ.get("HF_ENDPOINT"), _offline()
-    storage = Path(cache_dir or hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    hub_cache = Path(cache_dir or hf_constants.HF_HUB_CACHE)
+    storage = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    if not offline:
+        _check_pin_strength(source, hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), label)
     cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
     cached = Path(cached) if isinstance(cached, str) else None
     meta = None
-    if not offline:
-        try:
-            meta = get_hf_file_metadata(
-                hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), endpoint=endpoint
-            )
-        except (OSError, HubHTTPError) as err:
+    with nullcontext() if offline else _Deadline() as deadline:
+        if not offline:
+            try:
+                meta = _hub_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint), deadline)
+            except _Unavailable:
+                if cached is None:
+                    raise
+                # hub unreachable: the cached copy will do, once verified
+            else:
+                _check_hub_metadata(meta, source, label)
+        if meta is None:
             if cached is None:
-                raise _Unavailable(_reason(err)) from err
-            # hub unreachable: the cached copy will do, once verified
+                raise _Unavailable(
+                    f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and not in the Hugging Face "
+                    f"cache {hub_cache}"
+                )
+            pointer = cached
+            blob = pointer.resolve()
         else:
-            _check_hub_metadata(meta, source, label)
-    if meta is None:
-        if cached is None:
-            raise _Unavailable(
-                f"offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set) and not in the Hugging Face "
-                f"cache {cache_dir or hf_constants.HF_HUB_CACHE}"
-            )
-        pointer = cached
-        blob = pointer.resolve()
-    else:
-        pointer = storage / "snapshots" / meta.commit_hash / filename
-        blob = storage / "blobs" / meta.etag
-    for path, folder in ((pointer.parent, storage / "snapshots"), (blob, storage / "blobs")):
-        if not _inside(path, folder) or path.resolve() == folder.resolve() or not _HUB_ETAG.fullmatch(blob.name):
-            # a path-like file name or revision, or a link planted in the cache
-            if meta is None:
-                pointer.unlink(missing_ok=True)  # the link only: what it points to is not the cache's
-            raise UnsafeDownloadError(
-                f"{label}: {_describe(source)} would use {path.resolve()}, not a file named by its hash inside "
-                f"{folder}" + (f"; the cached link {pointer} was removed" if meta is None else "; nothing was written")
-                + ". Check the source's file name and revision, and who wrote to the cache."
-            )
-    expected = source.get("sha256") or blob.name
-    if meta is None:
-        return _verified_hub_file(pointer, blob, expected, label, source)
-    lock = Path(cache_dir or hf_constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{meta.etag}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(lock):  # the lock hf_hub_download takes for this blob
-        if blob.is_file():
-            _verified_hub_file(pointer, blob, expected, label, source)
-        else:
-            url = hf_hub_url(repo_id, filename, revision=meta.commit_hash, endpoint=endpoint)
-            with atomic_path(blob) as partial:
-                try:
-                    _download(url, partial, progress, label, source.get("size") or meta.size,
-                              headers=build_hf_headers(),
-                              size_from="the manifest" if source.get("size") else "the hub's metadata")
-                except _Unavailable as err:
-                    raise _Unavailable(f"{err}; nothing of it was kept") from err
-                kind, actual = _hub_digest(partial, expected)
-                if actual != expected:
-                    raise WeightsIntegrityError(_mismatch_message(label, url, expected, actual, partial, kind))
-        if not (pointer.is_symlink() and pointer.resolve() == blob.resolve()):
-            with atomic_path(pointer) as link:  # a fresh name replaced by the link: nothing is followed
-                link.unlink()
-                os.symlink(os.path.relpath(blob, pointer.parent), link)
-        if revision != meta.commit_hash:
-            ref = storage / "refs" / revision
-            if not _inside(ref, storage / "refs"):
-                raise UnsafeDownloadError(f"{label}: revision {revision!r} names a path outside {storage / 'refs'}")
-            if not (ref.is_file() and not ref.is_symlink() and ref.read_text() == meta.commit_hash):
-                with atomic_path(ref) as tmp:
-                    tmp.write_text(meta.commit_hash)
+            pointer = storage / "snapshots" / meta.commit_hash / filename
+            blob = storage / "blobs" / meta.etag
+        for folder in (storage / "blobs", pointer.parent):  # a folder linked elsewhere: never written through
+            _no_link(folder, label, below=storage)
+        for path, folder in ((pointer.parent, storage / "snapshots"), (blob, storage / "blobs")):
+            if not _inside(path, folder) or path.resolve() == folder.resolve() or not _HUB_ETAG.fullmatch(blob.name):
+                # a link planted in the cache (the snapshot file's own link: its parent is a real folder here)
+                if meta is None:
+                    pointer.unlink(missing_ok=True)  # the link only: what it points to is not the cache's
+                raise UnsafeDownloadError(
+                    f"{label}: {_describe(source)} would use {path.resolve()}, not a file named by its hash inside "
+                    f"{folder}" + (f"; the cached link {pointer} was removed" if meta is None else "; nothing was written")
+                    + ". Check who wrote to the cache."
+                )
+        expected = source.get("sha256") or blob.name
+        if meta is None:
+            return _verified_hub_file(pointer, blob, expected, label, source)
+        with _locked(hub_cache / ".locks" / storage.name / f"{meta.etag}.lock", hub_cache, label):
+            # the lock hf_hub_download takes for this blob; gczoo's writers of any blob hold its lock
+            _remove_stale_partials(storage / "blobs", hub_cache / ".locks" / storage.name, meta.etag)
+            if blob.is_file():
+                _verified_hub_file(pointer, blob, expected, label, source)
+            else:
+                url = hf_hub_url(repo_id, filename, revision=meta.commit_hash, endpoint=endpoint)
+                with atomic_path(blob) as partial:
+                    try:
+                        _download(url, partial, progress, label, source.get("size") or meta.size,
+                                  headers=build_hf_headers(),
+                                  size_from="the manifest" if source.get("size") else "the hub's metadata",
+                                  deadline=deadline)
+                    except _Unavailable as err:
+                        raise _Unavailable(f"{err}; nothing of it was kept") from err
+                    kind, actual = _hub_digest(partial, expected)
+                    if actual != expected:
+                        raise WeightsIntegrityError(_mismatch_message(label, url, expected, actual, partial, kind))
+            if not (pointer.is_symlink() and pointer.resolve() == blob.resolve()):
+                with atomic_path(pointer) as link:  # a fresh name replaced by the link: nothing is followed
+                    link.unlink()
+                    os.symlink(os.path.relpath(blob, pointer.parent), link)
+            if revision != meta.commit_hash:
+                ref = storage / "refs" / revision
+                _no_link(ref, label, below=storage)
+                if not (ref.is_file() and ref.read_text() == meta.commit_hash):
+                    with atomic_path(ref) as tmp:
+                        tmp.write_text(meta.commit_hash)
     return pointer
+
+
+def _check_hub_names(repo_id: str, filename: str, revision: str, label: str) -> None:
+    """Repo id, file name and revision become URL and cache paths: each must be plain names joined by '/'."""
+    for what, value, parts in (("repo id", repo_id, (1, 2)), ("file name", filename, None),
+                               ("revision", revision, None)):
+        names = value.split("/") if isinstance(value, str) else [None]
+        if not all(isinstance(n, str) and _PLAIN_NAME.fullmatch(n) for n in names) or \
+                (parts and len(names) not in parts):
+            raise WeightsError(
+                f"{label}: the hub {what} {value!r} of {repo_id}/{filename}@{revision} is not a plain name "
+                "(letters, digits, '.', '_', '+', '-' in parts joined by '/', none starting with '.'), so it "
+                "could name a path outside the cache. Use the repo's own names, e.g. revision 'main', a tag "
+                "or a 40-hex commit."
+            )
+
+
+class _HubFile(NamedTuple):
+    """What the hub's metadata probe announced for one file."""
+
+    etag: str | None
+    commit_hash: str | None
+    size: int | None
+
+
+def _hub_metadata(url: str, deadline: "_Deadline") -> _HubFile:
+    """HEAD the hub's ``resolve`` URL as huggingface_hub does (relative redirects of a renamed repo
+    followed, ``X-Linked-Etag``/``X-Linked-Size`` of an LFS file preferred), within ``deadline``."""
+    headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
+    try:
+        for _ in range(_MAX_HUB_REDIRECTS + 1):
+            resp = deadline.session.head(url, headers=headers, allow_redirects=False, timeout=deadline.timeouts())
+            location = resp.headers.get("Location", "")
+            if not (resp.is_redirect and location and not urlsplit(location).netloc):
+                break
+            url = urljoin(url, location)
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+        if not deadline.expired:
+            raise _Unavailable(_reason(err)) from err
+    if deadline.expired:  # an answer cut off by the watchdog (headers cut short may look complete)
+        raise _Unavailable(f"the hub did not answer {url} within the deadline of {deadline.seconds:g} s "
+                           "(GCZOO_DOWNLOAD_TIMEOUT)")
+    if resp.status_code >= 400:
+        code = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", resp.headers.get("X-Error-Code", ""))  # EntryNotFound
+        detail = ": ".join(v for v in (code, resp.headers.get("X-Error-Message")) if v)
+        raise _Unavailable(f"HTTP {resp.status_code} {resp.reason} for {url}" + (f" ({detail})" if detail else ""))
+    etag = resp.headers.get("X-Linked-Etag") or resp.headers.get("ETag")
+    size = resp.headers.get("X-Linked-Size") or (None if resp.is_redirect else resp.headers.get("Content-Length"))
+    return _HubFile(
+        etag=etag.strip().removeprefix("W/").strip('"') if etag else None,
+        commit_hash=resp.headers.get("X-Repo-Commit"),
+        size=int(size) if size and size.strip().isdigit() else None,
+    )
+
+
+def _remove_stale_partials(blobs: Path, locks: Path, etag: str) -> None:
+    """Remove the temporary files that writers killed mid-download left in ``blobs``.
+
+    Called while holding the lock of ``etag``: every gczoo writer of a blob holds that blob's lock
+    while its ``.<etag>.<random>.partial`` exists, so one of ``etag`` is a dead writer's; one of
+    another blob is removed only when that blob's lock can be taken at once.
+    """
+    if not blobs.is_dir():
+        return
+    for stale in blobs.iterdir():
+        match = _ATOMIC_PARTIAL.fullmatch(stale.name)
+        if match is None or not _HUB_ETAG.fullmatch(match.group(1)):
+            continue
+        if match.group(1) == etag:
+            stale.unlink(missing_ok=True)
+            continue
+        try:
+            with filelock.FileLock(locks / f"{match.group(1)}.lock", timeout=0):
+                stale.unlink(missing_ok=True)
+        except (filelock.Timeout, OSError):
+            pass  # a live writer's, or a lock that cannot be taken: left alone
 
 
 def _verified_hub_file(pointer: Path, blob: Path, expected: str, label: str, source: dict) -> Path:
@@ -482,7 +630,8 @@ def _check_hub_metadata(meta, source: dict, label: str) -> None:
 
 
 def _fetch_url(source: dict, label: str, progress: bool) -> Path:
-    """torch.hub-style download into ``<torch hub dir>/checkpoints``, verified before use."""
+    """torch.hub-style download into ``<torch hub dir>/checkpoints``, verified before use, and
+    hashed again on every later use (:func:`_verified_url_file`)."""
     fmt = source.get("format")
     if fmt not in ("safetensors", "pickle"):
         raise WeightsError(f"{label}: url source {source['url']} has unknown format {fmt!r}")
@@ -502,12 +651,14 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
     raw = ckpt_dir / name
     final = raw if fmt == "safetensors" else raw.with_suffix(".safetensors")
-    if _no_link(final, label).exists():
+    if _verified_url_file(final, source, label):
         return final
 
-    (ckpt_dir / ".locks").mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(ckpt_dir / ".locks" / f"{raw.name}.lock"):
-        if _no_link(final, label).exists():  # another process finished while we waited for the lock
+    with _locked(ckpt_dir / ".locks" / f"{raw.name}.lock", ckpt_dir, label):
+        # a conversion killed midway left its atomic_path temporary file (every writer holds this lock)
+        for stale in ckpt_dir.glob(f".{final.name}.*.partial"):
+            stale.unlink(missing_ok=True)
+        if _verified_url_file(final, source, label):  # another process finished while we waited for the lock
             return final
         if _no_link(raw, label).exists():
             # a pickle whose conversion was interrupted, or one torch.hub itself downloaded
@@ -527,38 +678,201 @@ def _fetch_url(source: dict, label: str, progress: bool) -> Path:
             digest = _verify(partial, source, label, url)
             os.replace(partial, raw)
         if fmt == "pickle":
-            _pickle_to_safetensors(raw, final, label, {_META_SOURCE: source["url"], _META_SHA256: digest})
+            _pickle_to_safetensors(raw, final, label, {_META_SOURCE: source["url"], _META_SHA256: digest},
+                                   _digest_record(final))
             raw.unlink()
     return final
 
 
+def _digest_record(converted: Path) -> Path:
+    """Where the sha256 of a safetensors file converted from a pickle is recorded (the manifest pins the pickle)."""
+    return converted.parent / ".digests" / f"{converted.name}.sha256"
+
+
+def _verified_url_file(final: Path, source: dict, label: str) -> bool:
+    """Whether the cache holds ``final``, hashed again now: a file as served against the manifest's
+    pin (else its hash prefix), a converted pickle against the digest recorded at conversion.
+
+    One rule with hub blobs: a cached file is hashed on every use, since any user of the cache may
+    have replaced it. A mismatch removes the file and raises :class:`WeightsIntegrityError`; a
+    converted file whose record is missing (written by an older gczoo, or the record deleted) is
+    removed and counts as not cached.
+    """
+    if not _no_link(final, label).exists():
+        return False
+    if source["format"] == "safetensors":  # the file as served
+        _verify(final, source, label, f"the cached {final}")
+        return True
+    record = _no_link(_digest_record(final), label, below=final.parent)
+    expected = record.read_text().strip() if record.is_file() else None
+    actual = sha256_of(final)
+    if actual == expected:
+        return True
+    final.unlink()
+    record.unlink(missing_ok=True)
+    if expected is None:
+        return False
+    raise WeightsIntegrityError(_mismatch_message(label, f"the cached {final} (converted from {source['url']})",
+                                                  expected, actual, final))
+
+
 def _check_pin_strength(source: dict, url: str, label: str) -> None:
-    """A prefix-only pin is accepted only from the source's own https address (see module docstring)."""
-    if source.get("sha256"):
+    """A source without a full sha256 pin is fetched only from its own https origin (see module docstring).
+
+    Such a file is checked against what its origin alone vouches for: the hash prefix in an upstream
+    file name, or the ETag the hub endpoint reports. Through ``GCZOO_MIRROR``, a hub mirror
+    (``HF_ENDPOINT``) or plain http, that check proves nothing, unless ``GCZOO_ALLOW_PREFIX_ONLY=1``.
+    """
+    if source.get("sha256") or allow_prefix_only():
         return
-    mirrored, plain = url != source["url"], urlsplit(url).scheme != "https"
-    if not (mirrored or plain) or allow_prefix_only():
+    hub = source.get("type") == "hf_hub"
+    mirrored = urlsplit(url).netloc != urlsplit(_HUB_ORIGIN).netloc if hub else url != source["url"]
+    plain = urlsplit(url).scheme != "https"
+    if not (mirrored or plain):
         return
-    why = "through GCZOO_MIRROR" if mirrored else "over plain http"
+    if hub:
+        why = f"through HF_ENDPOINT={os.environ.get('HF_ENDPOINT')}" if mirrored else "over plain http"
+        pinned = ("by no sha256: the file would be checked only against the ETag that this same endpoint "
+                  "reports, so a mirror or proxy could serve any file")
+    else:
+        why = "through GCZOO_MIRROR" if mirrored else "over plain http"
+        pinned = (f"only by the hash prefix {source['sha256_prefix']} ({4 * len(source['sha256_prefix'])} bits, "
+                  "forgeable in minutes), so a mirror or proxy could serve another file with the same prefix")
     raise WeakPinError(
-        f"{label}: refused to fetch {url} {why}: the manifest pins this source only by the hash prefix "
-        f"{source['sha256_prefix']} ({4 * len(source['sha256_prefix'])} bits, forgeable in minutes), so a mirror "
-        "or proxy could serve another file with the same prefix. Pin its full sha256 in the manifest "
-        "(`gczoo pin`), or accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1."
+        f"{label}: refused to fetch {url} {why}: the manifest pins this source {pinned}. Pin its full sha256 "
+        "in the manifest (`gczoo pin`), or accept the risk explicitly with GCZOO_ALLOW_PREFIX_ONLY=1 (it covers "
+        "every source without a full sha256 pin)."
     )
 
 
-def _no_link(path: Path, label: str) -> Path:
-    """``path``, after removing a symbolic link found there (the zoo never reads or writes through one)."""
-    if path.is_symlink():
-        target = os.readlink(path)
-        path.unlink()
-        raise UnsafeCachePathError(
-            f"{label}: {path} was a symbolic link (to {target}); "
-            "gczoo does not follow links in its cache, so it removed the link and wrote nothing. Run again "
-            "to download into a regular file, and check who planted the link."
-        )
+def _no_link(path: Path, label: str, below: Path | None = None) -> Path:
+    """``path``, after removing a symbolic link found there -- or, with ``below``, at any of its
+    folders under ``below`` (the zoo never reads or writes through one). Only the link is removed,
+    never what it points to."""
+    if below is None:
+        candidates = [path]
+    else:  # the folders first, from the top: a link there leads every name below it elsewhere
+        parts = path.relative_to(below).parts
+        candidates = [below.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)]
+    for link in candidates:
+        if link.is_symlink():
+            target = os.readlink(link)
+            link.unlink()
+            raise UnsafeCachePathError(
+                f"{label}: {link} was a symbolic link (to {target}); gczoo does not follow links in its cache, so "
+                "it removed the link, left what it pointed to untouched and wrote nothing. Run again to "
+                "download into a regular file, and check who planted the link."
+            )
     return path
+
+
+@contextmanager
+def _locked(lock: Path, root: Path, label: str) -> Iterator[None]:
+    """Hold the file lock ``lock`` (a cache file below ``root``: no link among it and its folders)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    _no_link(lock, label, below=root)
+    with filelock.FileLock(lock):
+        yield
+
+
+class _Deadline:
+    """The overall deadline of one fetch (``GCZOO_DOWNLOAD_TIMEOUT``), for every request made
+    through :attr:`session`: connect, status line, headers, the hub's probe and the body.
+
+    A watchdog thread (not the one reading) shuts down every connection opened through the session
+    when the deadline passes, so a read blocked on a server that drips its answer returns at once.
+    Socket timeouts are per read only; they bound a silent server, not a dripping one.
+    """
+
+    def __init__(self):
+        self.seconds = _download_deadline()
+        self.at = time.monotonic() + self.seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._guard = threading.Lock()
+        self._watchdog = threading.Timer(self.seconds, self._expire)
+        self._watchdog.daemon = True
+        self.session = requests.Session()
+        adapter = _DeadlineAdapter(self)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def __enter__(self) -> "_Deadline":
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._watchdog.cancel()
+        self.session.close()
+
+    def left(self) -> float:
+        return 0.0 if self.expired else max(0.0, self.at - time.monotonic())
+
+    def timeouts(self) -> tuple[float, float]:
+        """requests' (connect, read) timeouts for the next request: none beyond the deadline."""
+        left = self.left()
+        return min(_CONNECT_TIMEOUT, left), min(_READ_TIMEOUT, left)
+
+    def watch(self, sock: socket.socket) -> None:
+        """Called with each new socket (and its TLS wrapper): shut down at the deadline, at once if it has passed."""
+        with self._guard:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._guard:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a socket down, waking up a read blocked on it (the reading thread may have closed it already).
+
+    The socket object is held, not its connection: http.client hands an HTTP/1.0 answer's socket
+    to the response and forgets it in the connection."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed, or detached into its TLS wrapper (watched too)
+        pass
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections (direct or through a proxy) report to a :class:`_Deadline`."""
+
+    def __init__(self, deadline: _Deadline):
+        self._deadline = deadline
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self._watch_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        self._watch_pools(manager)
+        return manager
+
+    def _watch_pools(self, manager) -> None:
+        deadline = self._deadline
+
+        def watched(pool_cls):
+            class Connection(pool_cls.ConnectionCls):
+                def _new_conn(self):  # the TCP socket: a TLS handshake and every read on it are watched
+                    sock = super()._new_conn()
+                    deadline.watch(sock)
+                    return sock
+
+                def connect(self):
+                    super().connect()
+                    deadline.watch(self.sock)  # the TLS wrapper, when there is one
+
+            return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": Connection})
+
+        manager.pool_classes_by_scheme = {scheme: watched(cls) for scheme, cls in manager.pool_classes_by_scheme.items()}
 
 
 def _download_deadline() -> float:
@@ -573,102 +887,132 @@ def _download_deadline() -> float:
 
 
 def _download(url: str, partial: Path, progress: bool, label: str, size: int | None = None,
-              headers: Mapping[str, str] | None = None, size_from: str = "the manifest") -> None:
+              headers: Mapping[str, str] | None = None, size_from: str = "the manifest",
+              deadline: _Deadline | None = None) -> None:
     """Stream ``url`` into ``partial``, resuming what is already there with a Range request.
 
     Attempts go on while each one makes progress (up to ``_MAX_ATTEMPTS``) and the overall
-    deadline has not passed; the partial file is left as it is on such failures (the caller
-    keeps it to resume later, or removes it). A body beyond the expected size (``size``, else
-    ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`) or a compressed one is refused and the
-    partial file removed. ``headers`` are sent too (the hub's user agent and token); ``size_from``
+    ``deadline`` (a new one when None) has not passed; the partial file is left as it is on such
+    failures (the caller keeps it to resume later, or removes it). A body beyond the expected size
+    (``size``, else ``Content-Length``, else :data:`MAX_UNSIZED_DOWNLOAD`), a size not stated by the
+    manifest that exceeds :data:`MAX_UNSIZED_DOWNLOAD`, a size the disk has no room for, or a
+    compressed body is refused and the partial file removed; so is the partial file when a write
+    fails (disk full). ``headers`` are sent too (the hub's user agent and token); ``size_from``
     names where ``size`` comes from, for the messages.
-    The body is read with ``read1`` (whatever has arrived), so a server dripping bytes cannot
-    hold a read past the deadline.
     """
-    budget = _download_deadline()
-    deadline = time.monotonic() + budget
-    for _ in range(_MAX_ATTEMPTS):
-        _no_link(partial, label)
-        have = partial.stat().st_size if partial.exists() else 0
-        if size is not None and have > size:
-            partial.unlink()
-            have = 0
-        request_headers = {**(headers or {}), "Accept-Encoding": "identity"}
-        if have:
-            request_headers["Range"] = f"bytes={have}-"
-        got = 0
-        try:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+    with nullcontext(deadline) if deadline is not None else _Deadline() as deadline:
+        for _ in range(_MAX_ATTEMPTS):
+            _no_link(partial, label)
+            have = partial.stat().st_size if partial.exists() else 0
+            if size is not None and have > size:
+                partial.unlink()
+                have = 0
+            request_headers = {**(headers or {}), "Accept-Encoding": "identity"}
+            if have:
+                request_headers["Range"] = f"bytes={have}-"
+            got = total = 0
+            if deadline.left() <= 0:
                 break
-            timeout = (min(_CONNECT_TIMEOUT, remaining), min(_READ_TIMEOUT, remaining))
-            with requests.get(url, headers=request_headers, stream=True, timeout=timeout) as resp:
-                if resp.status_code == 416:  # the partial file is not a prefix of this file
-                    partial.unlink()
-                    continue
-                if resp.status_code >= 400:
-                    raise _Unavailable(f"HTTP {resp.status_code} {resp.reason} for {url}")
-                encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-                if encoding not in ("", "identity"):
-                    partial.unlink(missing_ok=True)
-                    raise UnsafeDownloadError(
-                        f"{label}: {url} was sent with Content-Encoding: {encoding} although gczoo asked for "
-                        "identity; compressed weights are never decoded (a small compressed body can expand "
-                        "to gigabytes before its hash is checked). Nothing was kept; serve the file as is."
-                    )
-                resume = resp.status_code == 206
-                if resume:
-                    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-                    if not have or match is None or int(match.group(1)) != have:
-                        # a range we did not ask for: start again from byte 0 with a plain request
-                        partial.unlink(missing_ok=True)
-                        if not have:
-                            raise _Unavailable(f"{url} answered a plain GET with 206 Partial Content")
+            try:
+                with deadline.session.get(url, headers=request_headers, stream=True,
+                                          timeout=deadline.timeouts()) as resp:
+                    if resp.status_code == 416:  # the partial file is not a prefix of this file
+                        partial.unlink()
                         continue
-                start = have if resume else 0  # a server ignoring Range sends the whole file: restart
-                length = resp.headers.get("Content-Length", "").strip()
-                total = start + int(length) if length.isdigit() else None
-                if size is not None and total is not None and total != size:
-                    partial.unlink(missing_ok=True)
-                    raise UnsafeDownloadError(
-                        f"{label}: {url} announces {total} bytes, {size_from} says the file has {size}; "
-                        "refused before downloading it. Nothing was kept."
-                    )
-                limit = size or total or MAX_UNSIZED_DOWNLOAD
-                bound = f"size from {size_from}" if size else "Content-Length" if total else \
-                    "the bound for a file of unknown size"
-                with _open_partial(partial, resume, label) as f, tqdm(
-                    total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=urlsplit(url).path.rsplit("/", 1)[-1], disable=not progress,
-                ) as bar:
-                    while chunk := resp.raw.read1(_DOWNLOAD_CHUNK, decode_content=False):
-                        if start + got + len(chunk) > limit:
-                            f.close()
+                    if resp.status_code >= 400:
+                        raise _Unavailable(f"HTTP {resp.status_code} {resp.reason} for {url}")
+                    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+                    if encoding not in ("", "identity"):
+                        partial.unlink(missing_ok=True)
+                        raise UnsafeDownloadError(
+                            f"{label}: {url} was sent with Content-Encoding: {encoding} although gczoo asked for "
+                            "identity; compressed weights are never decoded (a small compressed body can expand "
+                            "to gigabytes before its hash is checked). Nothing was kept; serve the file as is."
+                        )
+                    resume = resp.status_code == 206
+                    if resume:
+                        match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+                        if not have or match is None or int(match.group(1)) != have:
+                            # a range we did not ask for: start again from byte 0 with a plain request
                             partial.unlink(missing_ok=True)
-                            raise UnsafeDownloadError(
-                                f"{label}: {url} sent more than the expected {limit} bytes "
-                                f"({bound}); "
-                                "the download was stopped and nothing was kept."
-                            )
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                        got += len(chunk)
-                        if time.monotonic() > deadline:
-                            break
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
-            # connection refused, timeout, or a body cut short: go on only if this attempt got bytes
-            if not got:
-                if time.monotonic() > deadline:
-                    break
-                raise _Unavailable(_reason(err)) from err
-            continue
-        if (total is None and time.monotonic() <= deadline) or partial.stat().st_size == total:
-            return
-        if time.monotonic() > deadline:
-            break
-    else:
-        raise _Unavailable(f"download of {url} interrupted {_MAX_ATTEMPTS} times")
-    raise _Unavailable(f"download of {url} did not finish within the deadline of {budget:g} s (GCZOO_DOWNLOAD_TIMEOUT)")
+                            if not have:
+                                raise _Unavailable(f"{url} answered a plain GET with 206 Partial Content")
+                            continue
+                    start = have if resume else 0  # a server ignoring Range sends the whole file: restart
+                    length = resp.headers.get("Content-Length", "").strip()
+                    total = start + int(length) if length.isdigit() else None
+                    if size is not None and total is not None and total != size:
+                        partial.unlink(missing_ok=True)
+                        raise UnsafeDownloadError(
+                            f"{label}: {url} announces {total} bytes, {size_from} says the file has {size}; "
+                            "refused before downloading it. Nothing was kept."
+                        )
+                    limit = size or total or MAX_UNSIZED_DOWNLOAD
+                    bound = f"size from {size_from}" if size else "Content-Length" if total else \
+                        "the bound for a file of unknown size"
+                    if limit > MAX_UNSIZED_DOWNLOAD and not (size and size_from == "the manifest"):
+                        partial.unlink(missing_ok=True)
+                        raise UnsafeDownloadError(
+                            f"{label}: {url} announces {limit} bytes ({bound}), more than the {MAX_UNSIZED_DOWNLOAD} "
+                            "bytes gczoo believes of a size the manifest does not state; refused before "
+                            "downloading, nothing was kept. A maintainer adds the file's size to the manifest."
+                        )
+                    if size or total:
+                        _check_room(url, partial, label, need=limit - start, reclaimed=have - start, bound=bound)
+                    with _open_partial(partial, resume, label) as f, tqdm(
+                        total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=urlsplit(url).path.rsplit("/", 1)[-1], disable=not progress,
+                    ) as bar:
+                        while chunk := resp.raw.read1(_DOWNLOAD_CHUNK, decode_content=False):
+                            if start + got + len(chunk) > limit:
+                                partial.unlink(missing_ok=True)
+                                raise UnsafeDownloadError(
+                                    f"{label}: {url} sent more than the expected {limit} bytes ({bound}); "
+                                    "the download was stopped and nothing was kept."
+                                )
+                            try:
+                                f.write(chunk)
+                            except OSError:  # disk full, file size limit: nothing half-written stays
+                                partial.unlink(missing_ok=True)
+                                raise
+                            bar.update(len(chunk))
+                            got += len(chunk)
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+                # connection refused, timeout, a body cut short, or shut down at the deadline:
+                # go on only if this attempt got bytes
+                if not got:
+                    if deadline.expired:
+                        break
+                    raise _Unavailable(_reason(err)) from err
+                continue
+            if deadline.expired:  # the watchdog ended the body: it may look complete to the reader
+                break
+            if total is None or partial.stat().st_size == total:
+                return
+        else:
+            _drop_if_empty(partial)
+            raise _Unavailable(f"download of {url} interrupted {_MAX_ATTEMPTS} times")
+    _drop_if_empty(partial)
+    raise _Unavailable(
+        f"download of {url} did not finish within the deadline of {deadline.seconds:g} s (GCZOO_DOWNLOAD_TIMEOUT)")
+
+
+def _drop_if_empty(partial: Path) -> None:
+    """Remove a partial file that holds nothing to resume (e.g. headers cut off at the deadline)."""
+    if partial.is_file() and not partial.is_symlink() and partial.stat().st_size == 0:
+        partial.unlink()
+
+
+def _check_room(url: str, partial: Path, label: str, need: int, reclaimed: int, bound: str) -> None:
+    """Refuse a download of ``need`` more bytes (``bound`` says why that many) before writing when
+    ``partial``'s disk has no room for them, counting the ``reclaimed`` bytes of ``partial`` it overwrites."""
+    free = shutil.disk_usage(partial.parent).free + reclaimed
+    if need > free:
+        partial.unlink(missing_ok=True)
+        raise CacheWriteError(
+            f"{label}: {url} needs {need} bytes ({bound}) but {partial.parent} has {free} free; nothing was "
+            f"written. {_cache_fix(partial.parent)}"
+        )
 
 
 def _open_partial(partial: Path, append: bool, label: str):
@@ -760,12 +1104,13 @@ def storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str, str]) -> None:
+def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str, str], record: Path) -> None:
     """Load a downloaded pickle checkpoint safely and write its state dict atomically as safetensors.
 
     A file that :func:`load_checkpoint` refuses is removed from the cache. Tensors sharing
     storage (tied weights) or not owning their whole storage are cloned, since safetensors
-    stores each tensor on its own.
+    stores each tensor on its own. The new file's sha256 is written to ``record`` before the file
+    takes its name, so a reader never finds the file without it.
     """
     try:
         obj = load_checkpoint(src, label)
@@ -776,8 +1121,12 @@ def _pickle_to_safetensors(src: Path, dest: Path, label: str, metadata: dict[str
     try:
         with atomic_path(dest) as tmp:
             save_file(storable(obj), tmp, metadata={"format": "pt", **metadata})
+            with atomic_path(_no_link(record, label, below=dest.parent)) as digest:
+                digest.write_text(sha256_of(tmp) + "\n")
     except Exception as err:  # e.g. out of memory or disk space: the pickle must not stay behind
         src.unlink()
+        if isinstance(err, OSError) and err.errno in _CACHE_WRITE_ERRNOS:
+            raise  # named by _fetch_source
         raise WeightsError(
             f"{label}: converting {src.name} to safetensors failed ({_reason(err)}); the file was removed "
             "from the cache"
@@ -911,21 +1260,22 @@ def download_upstream(
                 raise WeightsError(f"{label}: url source {source['url']} does not end in a file name")
         dest = to_dir / name
         partial = dest.with_name(dest.name + ".partial")
-        to_dir.mkdir(parents=True, exist_ok=True)
-        for path in (dest, partial):  # never read or written through: the verified file replaces a link
-            if path.is_symlink():
-                path.unlink()
-        if dest.is_file() and matching_source([source], sha256_of(dest))[0] is not None:
+        with _named_write_errors(source, label, to_dir):
+            to_dir.mkdir(parents=True, exist_ok=True)
+            for path in (dest, partial):  # never read or written through: the verified file replaces a link
+                if path.is_symlink():
+                    path.unlink()
+            if dest.is_file() and matching_source([source], sha256_of(dest))[0] is not None:
+                return dest, source
+            if _offline():
+                failures.append(f"{_describe(source)}: offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set)")
+                continue
+            try:
+                _download(url, partial, progress, label, source.get("size"))
+            except _Unavailable as err:
+                failures.append(f"{_describe(source)}: {err}")
+                continue
+            _verify(partial, source, label, url)
+            os.replace(partial, dest)
             return dest, source
-        if _offline():
-            failures.append(f"{_describe(source)}: offline (HF_HUB_OFFLINE or GCZOO_OFFLINE is set)")
-            continue
-        try:
-            _download(url, partial, progress, label, source.get("size"))
-        except _Unavailable as err:
-            failures.append(f"{_describe(source)}: {err}")
-            continue
-        _verify(partial, source, label, url)
-        os.replace(partial, dest)
-        return dest, source
     raise WeightsUnavailableError(_unavailable_message(label, failures), label=label, tried=failures)

@@ -17,7 +17,9 @@ GET body), ``honor_range=False`` answers
 Range requests with the whole file, ``chunk_delay`` sleeps between 64 KiB chunks so that
 concurrent clients overlap. Hostile switches: ``extra_headers`` are added to (or replace) the
 answer's headers from request number ``extra_headers_from`` on (0: every request);
-``drip=s`` sends the body one byte every ``s`` seconds; ``endless=True`` sends no
+``drip=s`` sends the body one byte every ``s`` seconds; ``drip_head=s`` sends the status line and
+headers so (from request number ``drip_head_from`` on; ``drip_status=False`` sends the status line
+whole and drips the headers only); ``endless=True`` sends no
 Content-Length and repeats the body until the client hangs up; ``range_start`` answers a
 Range request with a 206 starting at that byte instead of the one asked for. Responses are HTTP/1.0 (one request per connection), so a stopped
 server is really gone: no kept-alive connection keeps serving.
@@ -66,6 +68,9 @@ class _LoopbackServer:
         self.extra_headers: dict[str, str] = {}
         self.extra_headers_from = 0
         self.drip: float | None = None
+        self.drip_head: float | None = None
+        self.drip_head_from = 0
+        self.drip_status = True
         self.endless = False
         self.range_start: int | None = None
         self._lock = threading.Lock()
@@ -143,15 +148,19 @@ class _LoopbackServer:
                 return
             status = 206
         body = data[start:end]
-        handler.send_response(status)
         if not self.endless:
-            handler.send_header("Content-Length", str(len(body)))
-        handler.send_header("Accept-Ranges", "bytes")
+            headers = {"Content-Length": str(len(body)), **headers}
         if status == 206:
-            handler.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        for key, value in headers.items():
-            handler.send_header(key, value)
-        handler.end_headers()
+            headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}", **headers}
+        if self.drip_head is not None and number >= self.drip_head_from:
+            if not self._drip_head(handler, status, headers):
+                return
+        else:
+            handler.send_response(status)
+            handler.send_header("Accept-Ranges", "bytes")
+            for key, value in headers.items():
+                handler.send_header(key, value)
+            handler.end_headers()
         if head:
             return
         cut = self._take_cut()
@@ -173,6 +182,23 @@ class _LoopbackServer:
             handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):  # the client hung up (e.g. it refused the answer)
             return
+
+
+    def _drip_head(self, handler, status: int, headers: dict[str, str]) -> bool:
+        """Send status line and headers byte by byte; False when the client hung up meanwhile."""
+        status_line = f"HTTP/1.0 {status} {handler.responses[status][0]}\r\n".encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Accept-Ranges": "bytes", **headers}.items()).encode() + b"\r\n"
+        try:
+            if not self.drip_status:
+                handler.wfile.write(status_line)
+                status_line = b""
+            for byte in status_line + head:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(self.drip_head)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
 
 
 def _make_handler(server: _LoopbackServer):

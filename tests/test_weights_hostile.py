@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from gczoo import convert, weights
@@ -53,8 +55,10 @@ def _checkpoints():
 
 
 def _cache_files():
+    """Every file or link under torch's checkpoints folder (digest records included) but the lock files."""
     ckpt = _checkpoints()
-    return sorted(p.name for p in ckpt.iterdir() if p.name != ".locks") if ckpt.exists() else []
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and ".locks" not in p.relative_to(ckpt).parts)
 
 
 def _hf_files():
@@ -427,3 +431,294 @@ def test_deeply_nested_manifest_and_unsupported_schema_keywords(tmp_path, capsys
         _check_schema({"type": "object", "properties": {"format_version": {"const": 1}}})
     with pytest.raises(SchemaError, match=r"anyOf, if at \$defs\.x"):
         _check_schema({"$defs": {"x": {"if": {}, "anyOf": []}}})
+
+
+# --------------------------------------------------------------------------- 8. every route to a file (round 2)
+#
+# Resource bombs and hangs run in a fresh Python bounded by the machine: a hard timeout from this
+# process, RLIMIT_FSIZE on every file it writes, tmpfs mounts of fixed size in a private mount
+# namespace; the attacking servers run here.
+
+_ATTACKED = r"""
+import json, os, signal, subprocess, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # beyond RLIMIT_FSIZE a write fails (EFBIG), the process lives
+from gczoo import weights
+for step in json.loads(sys.argv[1]):
+    if "run" in step:
+        subprocess.run(step["run"], check=True)
+        continue
+    os.environ.update(step["env"])
+    try:
+        if "to" in step:  # `gczoo download NAME --to DIR`
+            path = weights.download_upstream("tiny", step["name"], step["entry"], step["to"], progress=False)[0]
+        else:
+            path = weights.fetch("tiny", step["name"], step["entry"], progress=False)
+        result = {"path": str(path)}
+    except Exception as err:  # the test asserts the type: a raw OSError is a failure
+        result = {"error": type(err).__name__, "message": str(err)}
+    result["left"] = sorted(str(p) for d in step.get("check", []) for p in Path(d).rglob("*")
+                            if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts)
+    print(json.dumps({step["name"]: result}), flush=True)
+"""
+
+
+def _attacked(steps, *, mounts=(), timeout=150, max_file=64 << 20):
+    """Run ``steps`` in a fresh Python: ``{step name: {"path"} or {"error", "message"}, "left": [...]}``.
+
+    The machine bounds it: killed after ``timeout`` s (a guard, not a timing assertion: the deadlines
+    under test are 2 s), no file beyond ``max_file`` bytes (RLIMIT_FSIZE), and ``mounts`` (folder,
+    tmpfs options) exist only in the child's own mount namespace (``unshare``)."""
+    import resource
+
+    command = [sys.executable, "-c", _ATTACKED, json.dumps(steps)]
+    if mounts:
+        script = " && ".join(f'mount -t tmpfs -o {options} tmpfs "{folder}"' for folder, options in mounts)
+        command = ["unshare", "-rm", "sh", "-c", script + ' && exec "$@"', "sh", *command]
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
+
+    try:
+        done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
+                              text=True, timeout=timeout, preexec_fn=limit)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the attacked process hung and was killed after {timeout} s; it had finished: {err.stdout!r}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {k: v for line in done.stdout.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+
+
+def _tiny_hub(root, content=None):
+    """A HubServer (not started) over ``root`` holding timm/tiny/model.safetensors."""
+    from loopback import HubServer
+
+    repo = Path(root) / "timm" / "tiny"
+    repo.mkdir(parents=True)
+    if content is None:
+        save_file(_small_state(), repo / "model.safetensors")
+    else:
+        (repo / "model.safetensors").write_bytes(content)
+    return HubServer(root)
+
+
+def _unshare_works():
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_drips_before_the_body_and_announced_sizes_are_bounded(weights_env, tmp_path):
+    """A dripped hub probe, status line or header block each end at the overall deadline (a watchdog
+    thread shuts the socket down, however the reading thread is doing), and a hub announcing 10 GiB
+    with an endless body is refused before a byte is written (the 2 GiB ceiling on sizes the
+    manifest does not state); nothing stays in any cache."""
+    from loopback import FileServer
+
+    probe, status, claim = (_tiny_hub(tmp_path / name) for name in ("probe", "status", "claim"))
+    probe.drip_head = status.drip_head = 0.5  # a byte every 0.5 s: each read succeeds, a head takes minutes
+    status.drip_head_from = 1  # the probe is answered at once, the body's GET is dripped
+    claim.extra_headers, claim.endless = {"X-Linked-Size": str(10 << 30)}, True
+    files = FileServer(tmp_path / "files")
+    path, sha = _served(files, os.urandom(10_000))
+    files.drip_head, files.drip_status = 0.5, False  # the status line whole, then the headers dripped
+    hub_source = {"type": "hf_hub", "repo_id": "timm/tiny", "filename": "model.safetensors", "revision": "main",
+                  "format": "safetensors", "sha256": None}
+    caches = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "GCZOO_DOWNLOAD_TIMEOUT": "2"}
+    with probe, status, claim, files:
+        steps = [{"name": name, "env": {**caches, "HF_ENDPOINT": server.url}, "entry": {"sources": [source]},
+                  "check": [caches["HF_HOME"], caches["TORCH_HOME"]]}
+                 for name, server, source in (("probe", probe, hub_source), ("status", status, hub_source),
+                                              ("headers", files, _url(files, path, sha256=sha)),
+                                              ("claim", claim, hub_source))]
+        results = _attacked(steps)
+    deadline = "within the deadline of 2 s (GCZOO_DOWNLOAD_TIMEOUT)"
+    assert results["probe"]["error"] == "WeightsUnavailableError"
+    assert "the hub did not answer" in results["probe"]["message"] and deadline in results["probe"]["message"]
+    for name in ("status", "headers"):
+        assert results[name]["error"] == "WeightsUnavailableError", results[name]
+        assert f"did not finish {deadline}" in results[name]["message"]
+    assert results["claim"]["error"] == "UnsafeDownloadError", results["claim"]
+    assert f"announces {10 << 30} bytes (size from the hub's metadata), more than the {2 << 30}" \
+        in results["claim"]["message"]
+    assert all(r["left"] == [] for r in results.values()), results
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs a private mount namespace (unshare -rm) for tmpfs mounts")
+def test_full_and_read_only_caches_are_named_errors_and_leave_nothing(weights_env, tmp_path):
+    """Real file systems, mounted in the attacked process's own namespace: a 1 MiB tmpfs for a
+    2 MiB hub file (refused before writing: free space checked) and for an endless URL body (the
+    write fails with ENOSPC: the partial file is removed); a tmpfs remounted read-only still serves
+    its cached file offline, verified, and a fetch that would write there is a named error."""
+    from loopback import FileServer
+
+    small, frozen = tmp_path / "small", tmp_path / "frozen"
+    small.mkdir(), frozen.mkdir()
+    big = _tiny_hub(tmp_path / "big", os.urandom(2 << 20))
+    hub = _tiny_hub(tmp_path / "hub")
+    files = FileServer(tmp_path / "files")
+    path, sha = _served(files, os.urandom(10_000))
+    files.endless = True  # no Content-Length, never ends
+    hub_source = {"type": "hf_hub", "repo_id": "timm/tiny", "filename": "model.safetensors", "revision": "main",
+                  "format": "safetensors", "sha256": None}
+    ro = {"HF_HOME": str(frozen / "hf"), "TORCH_HOME": str(frozen / "torch")}
+    with big, hub, files:
+        steps = [
+            {"name": "room", "env": {"HF_HOME": str(small / "hf"), "HF_ENDPOINT": big.url},
+             "entry": {"sources": [hub_source]}, "check": [str(small)]},
+            {"name": "full", "env": {"TORCH_HOME": str(small / "torch")},
+             "entry": {"sources": [_url(files, path, sha256=sha)]}, "check": [str(small)]},
+            {"name": "filled", "env": {**ro, "HF_ENDPOINT": hub.url}, "entry": {"sources": [hub_source]}},
+            {"run": ["mount", "-o", "remount,ro", str(frozen)]},
+            {"name": "offline", "env": {"HF_HUB_OFFLINE": "1"}, "entry": {"sources": [hub_source]}},
+            {"name": "ro-hub", "env": {"HF_HUB_OFFLINE": "0"}, "entry": {"sources": [{**hub_source, "revision": hub.commit}]},
+             "check": [str(frozen)]},
+            {"name": "ro-url", "env": {}, "entry": {"sources": [_url(files, path, sha256=sha)]}, "check": [str(frozen)]},
+            {"name": "ro-download", "env": {}, "entry": {"sources": [_url(files, path, sha256=sha)]},
+             "to": str(frozen / "out"), "check": [str(frozen)]},
+        ]
+        results = _attacked(steps, mounts=[(small, "size=1m"), (frozen, "size=8m")])
+    assert results["room"]["error"] == "CacheWriteError", results["room"]
+    assert f"needs {2 << 20} bytes (size from the hub's metadata) but {small}/hf/hub/models--timm--tiny/blobs has" \
+        in results["room"]["message"] and "HF_HUB_CACHE (or HF_HOME)" in results["room"]["message"]
+    assert results["full"]["error"] == "CacheWriteError", results["full"]
+    assert "no space left on the device (errno ENOSPC)" in results["full"]["message"]
+    assert "Nothing partial was kept" in results["full"]["message"] and "TORCH_HOME" in results["full"]["message"]
+    assert results["room"]["left"] == results["full"]["left"] == []
+    assert results["offline"]["path"] == results["filled"]["path"]
+    for name, var in (("ro-hub", "HF_HUB_CACHE (or HF_HOME)"), ("ro-url", "TORCH_HOME")):
+        assert results[name]["error"] == "CacheWriteError", results[name]
+        assert "the file system is read-only (errno EROFS)" in results[name]["message"]
+        assert var in results[name]["message"] and "tiny." + name in results[name]["message"]
+    assert results["ro-download"]["error"] == "CacheWriteError", results["ro-download"]
+    assert f"cannot write {frozen}/out" in results["ro-download"]["message"]
+    assert "read-only (errno EROFS)" in results["ro-download"]["message"]
+    assert results["ro-url"]["left"] == results["ro-hub"]["left"] == results["ro-download"]["left"]  # the file fetched before only
+
+
+def test_unpinned_hub_source_behind_a_mirror_needs_a_pin_or_the_opt_in(hub_server, monkeypatch, tmp_path):
+    """resnet50_gc_r16.tv_in1k's first source (timm's hub file, no sha256 in the manifest) through
+    HF_ENDPOINT=<mirror>: the mirror's ETag alone would vouch for the mirror's file, so it meets the
+    rule of a prefix-only URL source behind GCZOO_MIRROR: refused before any request, unless pinned
+    or GCZOO_ALLOW_PREFIX_ONLY=1."""
+    import gczoo
+
+    repo = hub_server.root / "timm" / "resnet50.tv_in1k"
+    repo.mkdir(parents=True)
+    save_file(_small_state(), repo / "model.safetensors")  # the attacker's weights
+    monkeypatch.delenv("GCZOO_ALLOW_PREFIX_ONLY")
+    with pytest.raises(weights.WeakPinError) as info:
+        gczoo.create_model("resnet50_gc_r16.tv_in1k", pretrained=True)
+    assert f"refused to fetch {hub_server.url}/timm/resnet50.tv_in1k/resolve/main/model.safetensors through " \
+           f"HF_ENDPOINT={hub_server.url}" in str(info.value)
+    assert "GCZOO_ALLOW_PREFIX_ONLY=1" in str(info.value) and "gczoo pin" in str(info.value)
+    assert hub_server.requests == [] and _hf_leftovers() == []
+
+    source = _hub_repo(hub_server, _small_state())
+    sha = weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
+    assert weights.sha256_of(_fetch({**source, "sha256": sha})) == sha  # a full pin holds anywhere
+    monkeypatch.setenv("HF_ENDPOINT", "http://huggingface.co")
+    with pytest.raises(weights.WeakPinError, match="over plain http"):
+        _fetch(source)
+
+
+def test_a_snapshot_folder_linked_outside_the_cache_is_never_deleted_through(hub_server, monkeypatch, tmp_path):
+    """Offline, ``snapshots/<commit>`` a link to a folder outside the cache: the link is removed and
+    named, the file it led to is untouched (it was deleted through the link). Online, a ``blobs``
+    folder linked elsewhere is never written through."""
+    source = _hub_repo(hub_server, _small_state())
+    path = _fetch(source)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"precious")
+    snapshot = path.parent
+    for p in snapshot.iterdir():
+        p.unlink()
+    snapshot.rmdir()
+    snapshot.symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(weights.UnsafeCachePathError, match=f"{re.escape(str(snapshot))} was a symbolic link "
+                                                           f"\\(to {re.escape(str(outside))}\\).*removed the link"):
+        _fetch(source)
+    assert (outside / "model.safetensors").read_bytes() == b"precious" and not snapshot.exists()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    blobs = path.parents[2] / "blobs"
+    for p in blobs.iterdir():
+        p.unlink()
+    blobs.rmdir()
+    blobs.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(weights.UnsafeCachePathError, match="blobs was a symbolic link"):
+        _fetch(source)
+    assert sorted(p.name for p in outside.iterdir()) == ["model.safetensors"] and not blobs.exists()
+    assert weights.sha256_of(_fetch(source)) == weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
+
+
+def test_orphans_of_killed_writers_are_removed_and_swapped_cache_files_are_caught(
+        hub_server, file_server, monkeypatch):
+    """A download killed midway leaves ``blobs/.<etag>.<random>.partial`` (made here as the kill
+    leaves it): the next fetch removes it under the blob's lock, and that of another blob whose lock
+    is free, but not one whose writer still holds its lock. A cached URL file swapped after
+    verification is hashed again on every use, as hub blobs are: caught online and offline."""
+    import filelock
+
+    source = _hub_repo(hub_server, _small_state())
+    sha = weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
+    storage = Path(os.environ["HF_HOME"]) / "hub" / "models--timm--tiny"
+    (storage / "blobs").mkdir(parents=True)
+    other, busy = hashlib.sha256(b"other").hexdigest(), hashlib.sha256(b"busy").hexdigest()
+    for etag in (sha, other, busy):
+        (storage / "blobs" / f".{etag}.k1ll3d0x.partial").write_bytes(b"half a download")
+    locks = Path(os.environ["HF_HOME"]) / "hub" / ".locks" / "models--timm--tiny"
+    locks.mkdir(parents=True)
+    with filelock.FileLock(locks / f"{busy}.lock"):  # a live writer of another blob
+        _fetch(source)
+    assert sorted(p.name for p in (storage / "blobs").iterdir()) == [f".{busy}.k1ll3d0x.partial", sha]
+
+    for fmt in ("safetensors", "pickle"):
+        buffer = Path(file_server.root) / "state"
+        (save_file if fmt == "safetensors" else lambda state, path: torch.save(state, path))(_small_state(1), buffer)
+        content = buffer.read_bytes()
+        path, url_sha = _served(file_server, content, stem=f"models/{fmt}", suffix=".pth" if fmt == "pickle" else ".safetensors")
+        url_source = _url(file_server, path, fmt, sha256=url_sha)
+        cached = _fetch(url_source)
+        genuine = cached.read_bytes()
+        for offline in ("0", "1"):
+            monkeypatch.setenv("GCZOO_OFFLINE", offline)
+            cached.write_bytes(bytes([genuine[0] ^ 1]) + genuine[1:])  # same size, swapped after verification
+            with pytest.raises(weights.WeightsIntegrityError, match=f"integrity check failed for the cached {re.escape(str(cached))}"):
+                _fetch(url_source)
+            assert not cached.exists()
+            if offline == "0":
+                again = load_file(_fetch(url_source))  # downloaded (and converted) again
+                assert all(torch.equal(again[k], v) for k, v in load(genuine).items())
+        monkeypatch.delenv("GCZOO_OFFLINE")
+    assert _cache_files() == []
+
+
+def test_hub_names_that_are_paths_and_linked_lock_files_are_named_errors(hub_server, file_server, tmp_path):
+    """A revision, file name or repo id that is not a plain name is refused before any request; a
+    lock file planted as a link (ELOOP inside filelock) is removed and named, its target untouched."""
+    source = _hub_repo(hub_server, _small_state())
+    for key, value in (("revision", "x/.."), ("revision", "../../outside"), ("filename", "../model.safetensors"),
+                       ("repo_id", "timm/../timm/tiny"), ("filename", ".hidden")):
+        with pytest.raises(weights.WeightsError, match=f"the hub {key.replace('_', ' ').replace('filename', 'file name')} "
+                                                       f"{re.escape(repr(value))} .* is not a plain name"):
+            _fetch({**source, key: value})
+    with pytest.raises(weights.WeightsError, match="revision 'x/..' .* is not a plain name"):
+        weights.fetch_hub_file("timm/tiny", "config.json", "x/..")
+    assert hub_server.requests == [] and _hf_leftovers() == [] and not (tmp_path / "outside").exists()
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    sha = weights.sha256_of(hub_server.root / "timm" / "tiny" / "model.safetensors")
+    hub_lock = Path(os.environ["HF_HOME"]) / "hub" / ".locks" / "models--timm--tiny" / f"{sha}.lock"
+    path, url_sha = _served(file_server, os.urandom(1000))
+    url_lock = _checkpoints() / ".locks" / f"{path.name}.lock"
+    for lock, src in ((hub_lock, source), (url_lock, _url(file_server, path, sha256=url_sha))):
+        lock.parent.mkdir(parents=True)
+        lock.symlink_to(victim)
+        with pytest.raises(weights.UnsafeCachePathError, match=f"{re.escape(str(lock))} was a symbolic link"):
+            _fetch(src)
+        assert victim.read_text() == "precious" and not lock.is_symlink()
+        _fetch(src)  # the next run takes a real lock file

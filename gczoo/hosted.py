@@ -103,16 +103,16 @@ def read_config(repo_id: str, revision: str = "main") -> dict:
     except RecursionError:
         config = None  # nested deeper than Python's parser goes: reported as too deep below
     deep = _too_deep(config, _MAX_CONFIG_DEPTH) if config is not None else "(top level)"
+    arch = config.get("architecture") if isinstance(config, dict) and not deep else None
+    if isinstance(arch, str) and arch not in list_models():  # another library's model: say so first
+        raise UnknownModelError(
+            f"{label}: config.json names the architecture {arch[:100]!r}, which this gczoo version does not have "
+            f"(`gczoo list` shows them). Upgrade gczoo, or load the repo with the library that wrote it.")
     problems = [f"{deep} is nested more than {_MAX_CONFIG_DEPTH} levels deep"] if deep else _errors(
         config, CONFIG_SCHEMA, CONFIG_SCHEMA, ())
     if problems:
         raise WeightsError(f"{label}: config.json is not one `gczoo publish` or timm's push_to_hf_hub writes for a "
                            f"zoo model; refused:\n  " + "\n  ".join(problems[:10]))
-    arch = config["architecture"]
-    if arch not in list_models():
-        raise UnknownModelError(
-            f"{label}: config.json names the architecture {arch!r}, which this gczoo version does not have "
-            f"(`gczoo list` shows them). Upgrade gczoo, or load the repo with the library that wrote it.")
     family = model_entry(arch)["family"]
     if (family in CLASSIFIER_FAMILIES) != ("pretrained_cfg" in config) or config.get("family", family) != family:
         raise WeightsError(f"{label}: config.json describes {arch} (family {family}) in the layout of another "

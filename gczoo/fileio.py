@@ -70,7 +70,7 @@ def check_torch_archive(path: Union[str, os.PathLike], label: str) -> None:
     :class:`gczoo.weights.UnsafePickleError`. A file that is not a zip archive (torch's legacy
     format) is left to ``torch.load``.
     """
-    from .weights import UnsafePickleError
+    from .weights import UnsafePickleError, WeightsError
 
     path = Path(path)
     with open(path, "rb") as f:
@@ -86,8 +86,9 @@ def check_torch_archive(path: Union[str, os.PathLike], label: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as err:
-        raise refuse(f"its zip directory is unreadable ({err})") from err
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as err:  # torch.load would not read it
+        raise WeightsError(f"{label}: cannot read {path} as a torch checkpoint: its zip directory is unreadable "
+                           f"({err}); the file is damaged or not a checkpoint") from err
     if len(records) > MAX_ARCHIVE_RECORDS:
         raise refuse(f"it holds {len(records)} records, more than {MAX_ARCHIVE_RECORDS}")
     for record in records:

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import constants as hf_constants
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -226,15 +225,6 @@ def test_zip_record_claiming_more_than_the_file_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- hub repos: config.json, weights
-
-
-@pytest.fixture
-def hub(hub_server, monkeypatch):
-    """The loopback hub also for timm (huggingface_hub read HF_ENDPOINT at import)."""
-    monkeypatch.setattr(hf_constants, "ENDPOINT", hub_server.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    return hub_server
 
 
 @pytest.mark.parametrize("config, says", [

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,15 +89,130 @@ def load_ground_truth(data: Path, split: str, annotations: Optional[Path]) -> Tu
     if not images.is_dir():
         raise BadInput(f"Image folder {images} does not exist. The COCO layout is COCO_ROOT/{split}/*.jpg.")
     try:
-        with _quiet():
-            coco = COCO(str(annotations))
-    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        with open(annotations, "rb") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise BadInput(f"{annotations} is not a COCO instances annotation file ({err.__class__.__name__}: {err}).") from None
     except RecursionError:
         raise BadInput(f"{annotations} is nested too deeply to parse; it is not a COCO instances annotation file.") from None
+    problems = annotation_problems(data)
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise BadInput(f"{annotations} is not a COCO instances annotation file pycocotools can score safely "
+                       f"({len(problems)} problem(s)); fix these entries:\n  {shown}")
+    with _quiet():
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
     if not coco.getImgIds():
         raise BadInput(f"{annotations} lists no images.")
     return coco, images
+
+
+#: Coordinates of a box or polygon may lie this many times the image's longer side from its origin
+#: (objects cut by the border stay within one side); beyond that pycocotools' C code overflows.
+COORDINATE_BOUND = 2
+#: Numbers in one polygon (COCO's largest has a few thousand).
+MAX_POLYGON_NUMBERS = 100_000
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def region_problem(entry: dict, height: int, width: int, ground_truth: bool = True) -> Optional[str]:
+    """What is wrong with an entry's ``bbox`` and ``segmentation`` on an image of ``height`` x ``width``, or None.
+
+    Coordinates must be finite and within :data:`COORDINATE_BOUND` image sides; a box's size not
+    negative; an RLE of the image's size. Ground truth may also hold polygons (at least 3, at most
+    :data:`MAX_POLYGON_NUMBERS` / 2 points) and uncompressed RLEs (counts covering the image); a result
+    only compressed RLEs (what pycocotools' ``loadRes`` reads).
+    """
+    bound = COORDINATE_BOUND * max(height, width)
+
+    def bad_numbers(numbers) -> bool:
+        return not all(_finite(v) and abs(v) <= bound for v in numbers)
+
+    if "bbox" in entry:
+        box = entry["bbox"]
+        if not (isinstance(box, list) and len(box) == 4) or bad_numbers(box) or box[2] < 0 or box[3] < 0:
+            return f"bbox {str(box)[:60]} is not [x, y, width, height] within {bound} pixels of a {width}x{height} image"
+    if "segmentation" not in entry:
+        return None
+    seg = entry["segmentation"]
+    if isinstance(seg, list) and ground_truth:
+        for poly in seg:
+            if not (isinstance(poly, list) and 6 <= len(poly) <= MAX_POLYGON_NUMBERS and len(poly) % 2 == 0):
+                return (f"a polygon is not a list of 3 to {MAX_POLYGON_NUMBERS // 2} x, y pairs "
+                        f"({str(poly)[:60]})")
+            if bad_numbers(poly):
+                return (f"a polygon has coordinates that are not finite or lie beyond {bound} pixels of a "
+                        f"{width}x{height} image ({str(poly)[:60]})")
+        return None
+    if isinstance(seg, dict):
+        if seg.get("size") != [height, width]:
+            return f"the RLE size {str(seg.get('size'))[:40]} is not the image's [{height}, {width}]"
+        counts = seg.get("counts")
+        if isinstance(counts, str):
+            return None
+        if (ground_truth and isinstance(counts, list) and all(_integer(c) and c >= 0 for c in counts)
+                and sum(counts) == height * width):
+            return None
+        return ("the RLE counts are neither a compressed string nor run lengths covering the image" if ground_truth
+                else "the RLE counts are not a compressed string")
+    return f"segmentation is {'neither polygons nor' if ground_truth else 'not'} an RLE"
+
+
+def annotation_problems(data) -> List[str]:
+    """Everything in a COCO instances file that pycocotools would crash on (a segfault in its C code,
+    a ``KeyError``) or mis-score silently: the sections, ids, categories, boxes, polygons and RLEs."""
+    if not isinstance(data, dict):
+        return ["the file holds no object with 'images', 'annotations' and 'categories'"]
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        return [f"no {' / '.join(repr(k) for k in missing)} list (every COCO instances file has all three)"]
+    problems: List[str] = []
+    sizes: Dict[int, Tuple[int, int]] = {}
+    for n, image in enumerate(data["images"]):
+        if not (isinstance(image, dict) and _integer(image.get("id"))) or image["id"] in sizes:
+            problems.append(f"images[{n}]: no integer 'id' of its own")
+            continue
+        h, w = image.get("height"), image.get("width")
+        sizes[image["id"]] = (h, w) if _integer(h) and _integer(w) and h > 0 and w > 0 else None
+    categories = set()
+    for n, category in enumerate(data["categories"]):
+        if not (isinstance(category, dict) and _integer(category.get("id"))) or category["id"] in categories:
+            problems.append(f"categories[{n}]: no integer 'id' of its own")
+        else:
+            categories.add(category["id"])
+    ids = set()
+    for n, ann in enumerate(data["annotations"]):
+        where = f"annotations[{n}]"
+        if not isinstance(ann, dict):
+            problems.append(f"{where}: not an object")
+            continue
+        if not _integer(ann.get("id")) or ann["id"] in ids:
+            problems.append(f"{where}: no integer 'id' of its own")
+        else:
+            ids.add(ann["id"])
+        if ann.get("image_id") not in sizes:
+            problems.append(f"{where}: image_id {str(ann.get('image_id'))[:30]} is not among the images")
+        if ann.get("category_id") not in categories:
+            problems.append(f"{where}: category_id {str(ann.get('category_id'))[:30]} is not among the categories")
+        if not ("bbox" in ann and "segmentation" in ann and _finite(ann.get("area")) and ann["area"] >= 0):
+            problems.append(f"{where}: needs 'bbox', 'segmentation' and a finite 'area' of at least 0")
+            continue
+        if ann.get("iscrowd", 0) not in (0, 1):
+            problems.append(f"{where}: iscrowd is {str(ann.get('iscrowd'))[:20]}, not 0 or 1")
+        size = sizes.get(ann.get("image_id"))
+        problem = region_problem(ann, *size) if size else None
+        if problem:
+            problems.append(f"{where} (image {ann['image_id']}): {problem}")
+    return problems
 
 
 def select_images(coco: COCO, images: Path, limit: Optional[int]) -> List[int]:
@@ -227,6 +343,14 @@ def read_predictions(paths: Sequence[Path], coco: COCO, ids: Sequence[int]) -> L
                                f"segmentation, got {str(entry)[:120]}.")
             if entry["image_id"] not in coco.imgs:
                 raise BadInput(f"{path}, entry {n}: image_id {entry['image_id']} is not in the annotations.")
+            size = coco.imgs[entry["image_id"]].get("height"), coco.imgs[entry["image_id"]].get("width")
+            problem = ("score is not a finite number" if not _finite(entry["score"]) else
+                       f"category_id {str(entry['category_id'])[:30]} is not among the categories"
+                       if entry["category_id"] not in coco.cats else
+                       region_problem(entry, *size, ground_truth=False) if all(_integer(v) and v > 0 for v in size)
+                       else None)
+            if problem:
+                raise BadInput(f"{path}, entry {n}: {problem}.")
         results += entries
     selected = set(ids)
     return [r for r in results if r["image_id"] in selected]

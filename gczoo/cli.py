@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .fileio import atomic_path
+from .fileio import atomic_path, read_image
 
 __all__ = ["main"]
 
@@ -168,8 +168,8 @@ def _publish(args: argparse.Namespace) -> int:
         raise ValueError("publish takes NAME.TAG or --all")
     if args.all and args.checkpoint:
         raise ValueError("--checkpoint goes with one NAME.TAG, not --all")
-    folders = publish_all(args.out, org=args.org) if args.all else [
-        publish(args.name, args.out, checkpoint=args.checkpoint, org=args.org)]
+    folders = publish_all(args.out, org=args.org, overwrite=args.overwrite) if args.all else [
+        publish(args.name, args.out, checkpoint=args.checkpoint, org=args.org, overwrite=args.overwrite)]
     for folder in folders:
         print(f"{folder}\n  upload: hf upload {args.org}/{folder.name} {folder} .\n"
               f"  then list it first among the tag's sources: {json.dumps(hosted_source(folder, args.org))}")
@@ -186,18 +186,13 @@ def _demo_picture():
     return torch.stack([x, y, 1 - x * y]).mul(255).byte()
 
 
-def _demo_input(args: argparse.Namespace):
-    """``--image FILE`` as uint8 CHW RGB, or the test picture."""
+def _demo_input(args: argparse.Namespace, fit=None):
+    """``--image FILE`` as uint8 CHW RGB, bounded and scaled down to ``fit`` (gczoo.fileio.read_image), or the test picture."""
     if args.image is None:
         return _demo_picture()
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import pil_to_tensor
 
-    try:
-        with Image.open(args.image) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"--image {args.image}: cannot read it as an image ({err})") from None
+    return pil_to_tensor(read_image(args.image, fit, what="--image"))
 
 
 def _save_png(picture, path: Path) -> None:
@@ -250,7 +245,7 @@ def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) ->
     import torch
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    picture = _demo_input(args)
+    picture = _demo_input(args, fit=model.pretrained_cfg["input_size"][1:])  # the detector's test scale
     with torch.no_grad():
         det = model([picture.float() / 255])[0]
     keep = det["scores"] >= args.score_threshold
@@ -294,11 +289,11 @@ def _demo_video(model, name: str, loaded: bool, args: argparse.Namespace) -> int
 
 
 def _demo_segmentation(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
-    """Per-pixel classes at the picture's own size, coloured over it and saved as a PNG."""
+    """Per-pixel classes at the model's test scale, coloured over the picture and saved as a PNG."""
     import torch
     from torchvision.utils import draw_segmentation_masks
 
-    picture = _demo_input(args)
+    picture = _demo_input(args, fit=model.meta["test_scale"])
     mean, std = (torch.tensor(model.pretrained_cfg[k]).view(3, 1, 1) for k in ("mean", "std"))
     with torch.no_grad():
         labels = model(((picture.float() / 255 - mean) / std)[None])["out"][0].argmax(0)
@@ -450,6 +445,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to write OUT/NAME.TAG/ into")
     p.add_argument("--checkpoint", type=Path, help="the upstream file, already downloaded (its sha256 is checked)")
     p.add_argument("--org", default="gczoo", help="hub organisation named in the cards (default: gczoo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT/NAME.TAG/ even when it holds files publish did not write (they are deleted)")
     p.set_defaults(func=_publish)
     p = sub.add_parser("analyze", help="query independence of NL/SNL/GC blocks on images: table and attention maps")
     p.add_argument("name", help="NAME or NAME.TAG (weights: the tag, --checkpoint, else random initialisation)")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Tuple
 
-from safetensors import safe_open
-
 __all__ = ["PREFIX", "WEIGHTS_FILE", "CONVERTER_KEY", "split_repo", "read_config", "repo_of", "fetch_weights",
            "create_model"]
 
@@ -25,6 +23,54 @@ WEIGHTS_FILE = "model.safetensors"
 CONVERTER_KEY = "gczoo_converter"
 #: the converters a zoo-layout file may ask for (a full state dict, or one without classifier).
 LAYOUT_CONVERTERS = ("identity", "new_head")
+#: Families published in timm's hub layout (classifiers); the others get the zoo's short config.
+CLASSIFIER_FAMILIES = ("gc_resnet", "timm")
+#: Largest ``config.json`` read (a published one is about 1.5 KB).
+MAX_CONFIG_BYTES = 64 << 10
+#: Largest number of classes a repo may ask for: ImageNet-22k's 21,843, the largest label set of timm's classifiers.
+MAX_CLASSES = 21843
+#: Largest side of a repo's input size (timm's classifiers are evaluated at 1024 at most).
+_MAX_SIDE = 2048
+
+_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9_.\-]{1,128}$"}
+_CLASSES = {"type": "integer", "minimum": 0, "maximum": MAX_CLASSES}
+_INPUT_SIZE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1, "maximum": _MAX_SIDE}}
+_RGB = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "number", "minimum": 0, "maximum": 1}}
+_TEXT = {"type": "string"}
+#: What ``gczoo publish`` writes into ``config.json`` (see :mod:`gczoo.publish`), as a schema for
+#: :mod:`gczoo.manifest`'s validator: timm's hub layout for classifiers (keys of timm's
+#: ``save_config_for_hf``, ``model_args`` limited to what the zoo records), else the zoo's short
+#: form. No other key and no value outside these ranges is accepted from a repo.
+CONFIG_SCHEMA = {
+    "oneOf": [
+        {"type": "object", "required": ["architecture", "pretrained_cfg"], "additionalProperties": False,
+         "properties": {
+             "architecture": _NAME, "num_classes": _CLASSES,
+             "num_features": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+             "global_pool": {"enum": ["avg"]},
+             "model_args": {"type": "object", "additionalProperties": False,
+                            "properties": {"num_classes": _CLASSES, "global_pool": {"enum": ["avg"]}}},
+             "pretrained_cfg": {"type": "object", "additionalProperties": False, "properties": {
+                 "tag": _NAME, "architecture": _NAME, "custom_load": {"enum": [False]},
+                 "input_size": _INPUT_SIZE, "test_input_size": _INPUT_SIZE, "min_input_size": _INPUT_SIZE,
+                 "fixed_input_size": {"type": "boolean"},
+                 "interpolation": {"enum": ["bilinear", "bicubic", "nearest"]},
+                 "crop_pct": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                 "test_crop_pct": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                 "crop_mode": {"enum": ["center", "squash", "border"]},
+                 "mean": _RGB, "std": {**_RGB, "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                 "num_classes": _CLASSES,
+                 "pool_size": {"type": ["array", "null"], "maxItems": 2,
+                               "items": {"type": "integer", "minimum": 1, "maximum": _MAX_SIDE}},
+                 "first_conv": _NAME, "classifier": _NAME, "license": _TEXT, "description": _TEXT,
+                 "origin_url": _TEXT, "paper_name": _TEXT, "paper_ids": {"type": ["string", "array"], "items": _TEXT},
+                 "notes": {"type": "array", "items": _TEXT}}}}},
+        {"type": "object", "required": ["architecture", "family", "tag"], "additionalProperties": False,
+         "properties": {"architecture": _NAME, "family": _NAME, "tag": _NAME, "gczoo_version": _TEXT}},
+    ]
+}
+#: Nesting of a valid config.json (pretrained_cfg.mean: 3 levels), with room.
+_MAX_CONFIG_DEPTH = 4
 
 
 def split_repo(name: str) -> Tuple[str, str]:
@@ -36,24 +82,41 @@ def split_repo(name: str) -> Tuple[str, str]:
 
 
 def read_config(repo_id: str, revision: str = "main") -> dict:
-    """The repo's ``config.json``, checked to name an architecture of this zoo."""
-    from .registry import UnknownModelError, list_models
+    """The repo's ``config.json``: at most :data:`MAX_CONFIG_BYTES`, valid against :data:`CONFIG_SCHEMA`,
+    naming an architecture of this zoo; anything else is a :class:`gczoo.weights.WeightsError` naming the repo."""
+    from .manifest import _errors, _too_deep
+    from .registry import UnknownModelError, list_models, model_entry
     from .weights import WeightsError, fetch_hub_file
 
     label = f"{PREFIX}{repo_id}@{revision}"
     path = fetch_hub_file(repo_id, "config.json", revision)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise WeightsError(f"{label}: config.json has {size} bytes, more than the {MAX_CONFIG_BYTES} a config "
+                           "written by `gczoo publish` could need; refused unread")
+    with open(path, "rb") as f:
+        text = f.read(MAX_CONFIG_BYTES + 1)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeightsError(f"{label}: config.json is not valid JSON ({err})") from err
-    arch = config.get("architecture") if isinstance(config, dict) else None
-    if not isinstance(arch, str):
-        raise WeightsError(f"{label}: config.json names no 'architecture'; it was not written by `gczoo publish` "
-                           "or timm's push_to_hf_hub")
-    if arch not in list_models():
+    except RecursionError:
+        config = None  # nested deeper than Python's parser goes: reported as too deep below
+    deep = _too_deep(config, _MAX_CONFIG_DEPTH) if config is not None else "(top level)"
+    arch = config.get("architecture") if isinstance(config, dict) and not deep else None
+    if isinstance(arch, str) and arch not in list_models():  # another library's model: say so first
         raise UnknownModelError(
-            f"{label}: config.json names the architecture {arch!r}, which this gczoo version does not have "
+            f"{label}: config.json names the architecture {arch[:100]!r}, which this gczoo version does not have "
             f"(`gczoo list` shows them). Upgrade gczoo, or load the repo with the library that wrote it.")
+    problems = [f"{deep} is nested more than {_MAX_CONFIG_DEPTH} levels deep"] if deep else _errors(
+        config, CONFIG_SCHEMA, CONFIG_SCHEMA, ())
+    if problems:
+        raise WeightsError(f"{label}: config.json is not one `gczoo publish` or timm's push_to_hf_hub writes for a "
+                           f"zoo model; refused:\n  " + "\n  ".join(problems[:10]))
+    family = model_entry(arch)["family"]
+    if (family in CLASSIFIER_FAMILIES) != ("pretrained_cfg" in config) or config.get("family", family) != family:
+        raise WeightsError(f"{label}: config.json describes {arch} (family {family}) in the layout of another "
+                           "family; refused")
     return config
 
 
@@ -68,6 +131,7 @@ def repo_of(pretrained_cfg: Any) -> Optional[Tuple[str, str]]:
 
 def fetch_weights(arch: str, repo_id: str, revision: str) -> Tuple[str, str]:
     """``(local path, converter)`` of the repo's verified ``model.safetensors``."""
+    from .fileio import safetensors_metadata
     from .weights import WeightsError, WeightsUnavailableError, fetch_with_source
 
     source = {"type": "hf_hub", "repo_id": repo_id, "filename": WEIGHTS_FILE, "revision": revision,
@@ -79,8 +143,7 @@ def fetch_weights(arch: str, repo_id: str, revision: str) -> Tuple[str, str]:
         raise WeightsUnavailableError(
             f"cannot obtain {WEIGHTS_FILE} of the hub repo {repo_id}@{revision}: {reason}. Offline, load it once "
             "with network access first (it is then served from the hub cache).") from err
-    with safe_open(path, framework="pt") as f:
-        converter = (f.metadata() or {}).get(CONVERTER_KEY, "identity")
+    converter = safetensors_metadata(path, f"hf-hub:{repo_id}@{revision}").get(CONVERTER_KEY, "identity")
     if converter not in LAYOUT_CONVERTERS:
         raise WeightsError(f"hf-hub:{repo_id}: {WEIGHTS_FILE} asks for converter {converter!r}; a published "
                            f"zoo-layout file uses one of {', '.join(LAYOUT_CONVERTERS)}")
@@ -90,8 +153,11 @@ def fetch_weights(arch: str, repo_id: str, revision: str) -> Tuple[str, str]:
 def create_model(name: str, pretrained: bool = False, **kwargs: Any):
     """Build the model a published repo describes (any family); ``pretrained`` loads its weights."""
     import timm
+    from timm.models import load_pretrained
 
+    from . import convert
     from .registry import TIMM_FAMILIES, builder_module, entrypoint, model_entry
+    from .weights import load_checkpoint
 
     repo_id, revision = split_repo(name)
     config = read_config(repo_id, revision)
@@ -102,11 +168,14 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any):
         if "num_classes" in config:
             cfg["num_classes"] = config["num_classes"]
         kwargs = {**config.get("model_args", {}), **kwargs}
-        if family == "timm":  # timm builds these; the weights still come through the zoo's verified fetch
+        if family == "timm":  # timm builds these and adapts the classifier; the weights come through the
+            model = timm.create_model(arch, pretrained_cfg=cfg, **kwargs)  # zoo's verified fetch and check
             if pretrained:
-                path, _ = fetch_weights(arch, repo_id, revision)
-                kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=path,
-                                                        source=None)
+                path, converter = fetch_weights(arch, repo_id, revision)
+                load_pretrained(model, dict(model.pretrained_cfg, state_dict=load_checkpoint(path, name)),
+                                num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3),
+                                filter_fn=convert.filter_fn(arch, f"({name})", converter, path))
+            return model
         if family in TIMM_FAMILIES:
             builder_module(family)
         return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)

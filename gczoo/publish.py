@@ -28,7 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
-__all__ = ["publish", "publish_all", "publishable"]
+__all__ = ["publish", "publish_all", "publishable", "PublishError", "PUBLISHED_FILES"]
+
+#: The files ``publish`` writes into a repo folder; a folder holding only these may be replaced.
+PUBLISHED_FILES = frozenset({"model.safetensors", "config.json", "README.md"})
 
 _HF = "https://huggingface.co"
 _SEED = 0
@@ -57,6 +60,10 @@ _METRICS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "box_ap": "box A
 _LICENSES = {"apache-2.0", "bsd-3-clause", "mit", "cc-by-4.0"}
 
 
+class PublishError(ValueError):
+    """The output folder cannot be written safely: a link, a file, or a folder holding files publish did not write."""
+
+
 def publishable() -> List[str]:
     """Every ``arch.tag`` ``publish`` can write (timm's own models are hosted by timm already)."""
     from .registry import list_models, model_entry
@@ -65,7 +72,7 @@ def publishable() -> List[str]:
 
 
 def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = None, org: str = "gczoo",
-            progress: bool = True) -> Path:
+            progress: bool = True, overwrite: bool = False) -> Path:
     """Write ``out/{arch}.{tag}`` for the weights ``name`` (``arch.tag``); return the folder.
 
     The upstream file is fetched and verified by :mod:`gczoo.weights`, or read from
@@ -74,6 +81,10 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
     among the sources (one with its own converter) is never the input: publishing starts from
     upstream. GC-block parameters a converter takes from the model's initialisation come from a
     fixed seed, so the same input and torch version give the same bytes.
+
+    An existing ``out/{arch}.{tag}`` is replaced only when it is empty or holds nothing but
+    :data:`PUBLISHED_FILES`, or with ``overwrite``; a link or a file there is never replaced
+    (:class:`PublishError`, raised before any work).
     """
     import gczoo
     from . import convert, weights
@@ -88,6 +99,9 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
         raise ValueError(f"{arch}.{tag} is timm's own model, hosted by timm ({entry['sources'][0].get('repo_id')}); "
                          "gczoo publishes the models it builds")
     upstream = [s for s in entry["sources"] if "converter" not in s]
+    out = Path(out)
+    final = out / f"{arch}.{tag}"
+    _check_destination(final, overwrite)
     if checkpoint is not None:
         source, digest = _verify_checkpoint(f"{arch}.{tag}", Path(checkpoint), upstream)
         path = Path(checkpoint)
@@ -118,9 +132,7 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
                 "gczoo_converted_by": entry["converter"], "gczoo_converter": "new_head" if headless else "identity",
                 "gczoo_version": gczoo.__version__}
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    final = out / f"{arch}.{tag}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
     try:
         _save_safetensors(tensors, tmp / "model.safetensors", metadata)
@@ -128,6 +140,7 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
         card = _model_card(arch, tag, entry, family, metadata, org, verified,
                            sha256=weights.sha256_of(tmp / "model.safetensors"))
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        _check_destination(final, overwrite)  # again: minutes may have passed
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -136,7 +149,8 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
     return final
 
 
-def publish_all(out: os.PathLike, org: str = "gczoo", names: Optional[Iterable[str]] = None) -> List[Path]:
+def publish_all(out: os.PathLike, org: str = "gczoo", names: Optional[Iterable[str]] = None,
+                overwrite: bool = False) -> List[Path]:
     """:func:`publish` for every publishable tag (or ``names``), with a progress bar."""
     from tqdm import tqdm
 
@@ -144,19 +158,20 @@ def publish_all(out: os.PathLike, org: str = "gczoo", names: Optional[Iterable[s
     with tqdm(list(names or publishable()), unit="repo", desc="gczoo publish") as bar:
         for name in bar:
             bar.set_postfix_str(name)
-            done.append(publish(name, out, org=org, progress=False))
+            done.append(publish(name, out, org=org, progress=False, overwrite=overwrite))
     return done
 
 
 def hosted_source(folder: os.PathLike, org: str = "gczoo") -> dict:
     """The manifest source for a published folder once uploaded to ``org/{folder name}``."""
-    from safetensors import safe_open
-
-    from .weights import sha256_of
+    from .fileio import safetensors_metadata
+    from .weights import WeightsError, sha256_of
 
     folder = Path(folder)
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
-        converter = f.metadata()["gczoo_converter"]
+    converter = safetensors_metadata(folder / "model.safetensors", f"publish {folder.name}").get("gczoo_converter")
+    if converter is None:
+        raise WeightsError(f"{folder / 'model.safetensors'} was not written by `gczoo publish` (no gczoo_converter "
+                           "in its metadata)")
     return {"type": "hf_hub", "repo_id": f"{org}/{folder.name}", "filename": "model.safetensors", "revision": "main",
             "format": "safetensors", "sha256": sha256_of(folder / "model.safetensors"), "converter": converter}
 
@@ -164,14 +179,28 @@ def hosted_source(folder: os.PathLike, org: str = "gczoo") -> dict:
 # --------------------------------------------------------------------------- pieces
 
 
+def _check_destination(final: Path, overwrite: bool) -> None:
+    """Refuse to replace what ``publish`` did not write: a link, a file, or a folder with other files (unless ``overwrite``)."""
+    if final.is_symlink():
+        raise PublishError(f"{final} is a symbolic link; publish neither follows nor removes links. Remove it, "
+                           "or choose another --out")
+    existing = next(p for p in (final, *final.parents) if p.exists())
+    if not existing.is_dir():
+        raise PublishError(f"{existing} is a file, not a folder; remove it, or choose another --out")
+    if final.is_dir() and not overwrite:
+        foreign = sorted(p.name for p in final.iterdir() if p.name not in PUBLISHED_FILES or not p.is_file())
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise PublishError(f"{final} holds files publish did not write ({shown}); publish would delete them. "
+                               "Move them away, choose another --out, or pass --overwrite to replace the folder")
+
+
 def _upstream_sha256(path: Path) -> str:
     """sha256 of the upstream file: recorded at pickle conversion by :mod:`gczoo.weights`, else the file's own."""
-    from safetensors import safe_open
-
+    from .fileio import safetensors_metadata
     from .weights import sha256_of
 
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("gczoo_source_sha256") or sha256_of(path)
+    return safetensors_metadata(path, str(path)).get("gczoo_source_sha256") or sha256_of(path)
 
 
 def _verify_checkpoint(label: str, path: Path, upstream: List[dict]) -> Tuple[dict, str]:

@@ -97,11 +97,10 @@ import urllib3
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import build_hf_headers
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .fileio import atomic_path
+from .fileio import atomic_path, check_torch_archive, safetensors_metadata
 
 __all__ = [
     "WeightsError",
@@ -279,8 +278,7 @@ def pin(model_name: str, tag: str, entry: dict) -> list[str]:
             raise WeightsUnavailableError(
                 _unavailable_message(label, failures), label=label, tried=failures
             ) from err
-        with safe_open(path, framework="pt") as f:
-            recorded = (f.metadata() or {}).get(_META_SHA256)
+        recorded = safetensors_metadata(path, label).get(_META_SHA256)
         digests.append(recorded or sha256_of(path))
     return digests
 
@@ -1054,6 +1052,7 @@ def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[
             return load_file(src)
         except Exception as err:  # safetensors raises its own SafetensorError for bad headers
             raise WeightsError(f"{label}: cannot read {src} as safetensors ({_reason(err)})") from err
+    check_torch_archive(src, label)  # before torch.load inflates a compressed record
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -14,6 +14,17 @@ os.environ.pop("GCZOO_MIRROR", None)
 from loopback import file_server, hub_server, weights_env  # noqa: E402,F401  (fixtures for every test file)
 
 
+@pytest.fixture
+def hub(hub_server, monkeypatch):
+    """``hub_server`` also for timm's own downloads (huggingface_hub read HF_ENDPOINT at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    return hub_server
+
+
 @pytest.fixture(scope="session")
 def torchvision_resnet50():
     """torchvision's ResNet-50 in eval mode, random but fixed weights and non-trivial BatchNorm

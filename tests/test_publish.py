@@ -17,7 +17,6 @@ import timm
 import torch
 import torchvision
 from huggingface_hub import ModelCard
-from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -34,15 +33,6 @@ CLS, CLS_TAG = "resnet50_gc_r16", "tv_in1k"
 DET, DET_TAG = "maskrcnn_resnet50_fpn_gc_r16", "mmdet_syncbn_1x_coco"
 BB_TAG = "mmdet_coco_maskrcnn_syncbn"
 FILES = ("model.safetensors", "config.json", "README.md")
-
-
-@pytest.fixture
-def hub(hub_server, monkeypatch):
-    """The loopback hub also for timm's own downloads (huggingface_hub read HF_ENDPOINT at import)."""
-    monkeypatch.setattr(hf_constants, "ENDPOINT", hub_server.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    return hub_server
 
 
 @pytest.fixture

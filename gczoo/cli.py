@@ -123,13 +123,13 @@ def _pin(args: argparse.Namespace) -> int:
     """Record each source's full sha256, but only on evidence beyond the one download: the digest
     is already pinned, the maintainer confirms it (``--confirm``), or a second, independent host
     serves the identical file (``--also-from``). A prefix-verified download alone proves 32 bits."""
-    from . import weights
     from .manifest import MANIFEST_PATH, dump_manifest, load_manifest
     from .registry import check_name, split_name
 
     path = args.manifest or MANIFEST_PATH
     if args.manifest is None:
         check_name(args.name)  # a misspelled name gets close matches, as in every command
+    from . import weights
     manifest = copy.deepcopy(load_manifest(path))
     arch, tag = split_name(args.name)
     entry = manifest["models"].get(arch, {}).get("weights", {}).get(tag)

@@ -114,5 +114,5 @@ def model_for_command(name: str, usage: str, *, checkpoint: Optional[Path] = Non
     note = (f"random weights (seed {SEED}), as {reason}: the output means nothing; pass your own weights with "
             "--checkpoint FILE")
     print(f"== {arch}: {note}")
-    torch.manual_seed(SEED)
-    return CommandModel(create_model(arch, **kwargs).eval(), False, note)
+    torch.manual_seed(SEED)  # the tag's architecture (e.g. its number of classes), without its weights
+    return CommandModel(create_model(f"{arch}.{tag}" if tag else arch, **kwargs).eval(), False, note)

@@ -1,8 +1,8 @@
 """The ``gczoo`` command line.
 
-``gczoo demo [--model NAME[.TAG]]``  the zoo at a glance: model list, the model's natural output, weights check
+``gczoo demo [--model NAME[.TAG]] [--image F] [--out PNG]`` one model's natural output on a picture
 ``gczoo list [PATTERN] [--pretrained]`` model names (``arch`` or ``arch.tag``)
-``gczoo info NAME [--measure] [--json]`` the model card
+``gczoo info NAME[.TAG] [--full] [--measure] [--json]`` the model card (one screen; ``--full``: everything)
 ``gczoo table [--check F | --write F]`` the README's model table
 ``gczoo download NAME[.TAG] [--to DIR]`` fetch and verify weights (``--to``: the upstream file, for an air-gapped machine)
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
@@ -10,6 +10,8 @@
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
 ``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
 
+``demo`` and ``analyze`` obtain weights by the rule of :mod:`gczoo.loading` (``--checkpoint``, ``--weights-file``,
+the tag's download, else seeded random weights, said so). Input files are checked before any download.
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights. Each subcommand is a
 ``_name(args) -> exit code`` function and its parser lines in :func:`_parser`; modules are imported
 inside the functions, so ``--help``, ``list`` and ``info`` answer from the manifest without
@@ -437,7 +439,10 @@ def _analyze(args: argparse.Namespace) -> int:
                          "(or -e '.[analysis]' in the clone)")
     from .analysis import analyze_command
 
-    analyze_command(args.name, args.images, args.out, checkpoint=args.checkpoint, weights_file=args.weights_file)
+    try:
+        analyze_command(args.name, args.images, args.out, checkpoint=args.checkpoint, weights_file=args.weights_file)
+    except ImportError as err:  # matplotlib present but broken: the figure's extra, named
+        raise ValueError(str(err)) from None
     return 0
 
 

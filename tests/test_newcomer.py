@@ -98,6 +98,8 @@ def test_readme_docs_results_and_help_speak_of_the_product():
              **{f"docs/{p.name}": t for p, t in DOCS.items()}, **{f"--help {i}": t for i, t in enumerate(_help_texts())}}
     found = {name: sorted(set(m.group(0) for m in forbidden.finditer(text))) for name, text in texts.items()}
     assert not {k: v for k, v in found.items() if v}
+    demo_help = " ".join(_run("-m", "gczoo.cli", "demo", "--help").stdout.split())
+    assert "--out PNG detection and segmentation: where to save the drawing" in demo_help
     qi = DOCS[ROOT / "docs" / "query_independence.md"]
     assert "`report/query_independence.json` (the same, plus each block's numbers per image)" in qi
 
@@ -273,6 +275,14 @@ def test_demo_and_analyze_one_rule_seeded_random_weights_drawn_and_explained(tmp
     with Image.open(det) as image:
         assert image.size[0] == 400 and image.size[1] > 300
     assert f"weights from {mine} (the zoo's layout)" in checkpoint and "random weights" not in checkpoint
+
+
+def test_dataset_mismatch_reads_as_english():
+    from eval.segmentation import BadInput, _check_model
+
+    with pytest.raises(BadInput, match=r"^gcnet_resnet50_d8.mmseg_ade20k_512x512_80k is a model of ade20k, but --data "
+                                        r"holds cityscapes"):
+        _check_model("gcnet_resnet50_d8.mmseg_ade20k_512x512_80k", "cityscapes")
 
 
 def test_eval_errors_start_a_line_of_their_own(capfd):

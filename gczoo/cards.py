@@ -120,12 +120,12 @@ def _protocol(protocol: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in protocol.items())
 
 
-def model_card(name: str, measure: bool = False, full: bool = False) -> str:
+def model_card(name: str, measure: bool = False, full: bool = True) -> str:
     """A plain-text model card of ``NAME[.TAG]`` from the manifest (parameters and FLOPs measured too with
-    ``measure``).
+    ``measure``), about the one weights tag when ``name`` has one.
 
-    One screen by default -- what the model is, what it scored, how to load it -- about the one weights tag
-    when ``name`` has one; ``full`` gives everything (notes, training, sources and hashes, protocols, citation).
+    ``full``: everything (notes, training, sources and hashes, protocols, citation); else one screen -- what the
+    model is, what it scored, how to load it -- as ``gczoo info`` shows it unless given ``--full``.
     """
     arch, tag = check_name(name)
     info = model_info(arch, measure=measure)
@@ -133,9 +133,9 @@ def model_card(name: str, measure: bool = False, full: bool = False) -> str:
         return _full_card(info, tag, measure)
     lines = [info["name"] + (f".{tag}" if tag else ""), "=" * len(info["name"] + (f".{tag}" if tag else ""))]
     lines += textwrap.wrap(info["summary"], _WIDTH)
-    size = f"parameters: {info['params'] / 1e6:.2f}M"
+    size = f"parameters: {info['params'] / 1e6:.2f}M" + (" (measured)" if measure else "")
     if info["published_size"]:
-        size += f" (the paper's table: {info['published_size']['params_m']}M)"
+        size += f"; published {info['published_size']['params_m']}M"
     if info["gflops"] is not None:
         size += f"; {info['gflops']:.2f} GFLOPs at {'x'.join(map(str, info['input_size'][1:]))}"
     lines += [size, ""]

@@ -39,7 +39,7 @@ def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says(
     lines = out.stdout.splitlines()
     assert lines[:4] == ["resnet50_gc_r16_c4", "resnet50_nl_c4", "resnet50_snl_c4", "exit 0"]
     assert "resnet50_nl_c4" == lines[4]
-    assert "parameters: 27.66M (the paper's table: 27.66M)" in lines
+    assert "parameters: 27.66M; published 27.66M" in lines
     assert [l for l in lines if l.startswith("exit")] == ["exit 0"] * 2 + ["exit 2"] * 3 + ["exit 0", "exit 2"]
     assert "| `resnet50_nl_c4` | - | 27.66 | 77.21 / 93.64 (paper, no weights) | - | - | - |" in lines
     assert "torch imported: False timm imported: False" in lines and "registered: True" in lines

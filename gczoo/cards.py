@@ -154,7 +154,9 @@ def model_card(name: str, measure: bool = False, full: bool = True) -> str:
         lines += textwrap.wrap(f"{t}{default}: {results}", _WIDTH, initial_indent="  ", subsequent_indent="    ")
     if tag:
         entry = info["weights"][tag]
-        lines += textwrap.wrap(f"training: {entry['training']}", _WIDTH, subsequent_indent="  ")[:3]
+        training = textwrap.wrap(f"training: {entry['training'].split('. ')[0].rstrip('.')}.", _WIDTH,
+                                 subsequent_indent="  ")
+        lines += training[:3] if len(training) <= 3 else training[:2] + [training[2] + " (... --full)"]
         lines.append(f"license: {entry['license']}")
     load = f"{arch}.{tag or info['default_tag']}" if (tag or info["default_tag"]) else arch
     lines += ["", "load it:",

@@ -116,7 +116,8 @@ def error_message(err: Exception) -> str:
     if isinstance(err, UnknownModelError):
         return f"{err} `gczoo list --pretrained` lists every model and weights tag."
     if isinstance(err, WeightsUnavailableError):
-        script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "SCRIPT.py"
+        here = sys.argv and Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent
+        script = Path(sys.argv[0]).name if here else "SCRIPT.py"  # the running eval script
         return (f"{err.summary()}\n"
                 + carry_advice(err.label, f"python eval/{script} --model {err.label} --weights-file FILE --data DIR")
                 + " The run then still gives PASS/FAIL.")

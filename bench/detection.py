@@ -1,5 +1,5 @@
 """Detection latency and peak memory of the zoo against mmdetection 3.3.0 on the same weights
-and image (GCNet issue 15), one image at a time on CPU.
+and image, one image at a time on CPU.
 
 For each row the script makes a synthetic checkpoint in mmdetection's layout (the oracle's
 ``mmdet_ckpt.py``) and starts two persistent workers (``bench/detection_worker.py``): the zoo's
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", nargs="+", default=["800x1216", "480x640"], help="image sizes HxW")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--oracle-dir", default="/work/shared/oracles", help="the shared oracles (mmdet_ckpt.py, mmdet_oracle/)")
+    ap.add_argument("--oracle-dir", default="/work/shared/oracles", help="folder of the mmdetection oracle scripts (mmdet_ckpt.py, mmdet_oracle/)")
     ap.add_argument("--oracle-python", default="/tmp/mmdet-oracle/venv/bin/python", help="the mmdetection oracle's venv")
     ap.add_argument("--workdir", help="where checkpoints and images go (reused if there; default: a temporary dir)")
     ap.add_argument("--zoo-kwargs", default="{}", help="JSON build arguments for the zoo model; zoo-only smoke runs")

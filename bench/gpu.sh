@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU target of issue 15 in one command, one table (bench/RESULTS.md, "GPU").
+# Every GPU speed target in one command, one table (bench/RESULTS.md, "GPU").
 #
 #   bash bench/gpu.sh [OUT_DIR]             # on a machine with CUDA
 #   DEVICE=cpu SMOKE=1 bash bench/gpu.sh    # tiny sizes on the CPU: checks the script, measures nothing
@@ -9,7 +9,7 @@
 #   B. inference, bf16, channels_last, batch 1, torch.compile mode reduce-overhead (target <= 1.10)
 #   C. training step, bf16, channels_last, batch 128, eager (target <= 1.05)
 #   D. detection latency against mmdetection: bench/detection.py --device (zoo alone, on random
-#      weights, where the mmdetection oracle is not installed, as on the lent GPU machine)
+#      weights, where the mmdetection oracle is not installed)
 # Each part runs under `timeout` (PART_TIMEOUT seconds, default 240) so one slow compile cannot
 # take the others' time; a part that fails or times out says so in the table file.
 set -u

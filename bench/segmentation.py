@@ -1,4 +1,4 @@
-"""GCNet R50-D8 segmentation: the zoo's inference against mmsegmentation 1.2.2's own (issue 15).
+"""GCNet R50-D8 segmentation: the zoo's inference against mmsegmentation 1.2.2's own.
 
 One command builds everything it needs in a temporary folder -- an mmsegmentation-layout
 checkpoint (``tests/mmseg_layout.py``, the file the parity tests use; mmsegmentation loads it

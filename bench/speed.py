@@ -1,4 +1,4 @@
-"""Side-by-side speed of GC-ResNet-50 against torchvision's ResNet-50 (GCNet issue 6).
+"""Side-by-side speed of GC-ResNet-50 against torchvision's ResNet-50.
 
 One run builds, on the same device and in the same process:
 

@@ -38,6 +38,27 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+if __package__:  # imported as eval.<script> (the tests)
+    from . import flags
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = flags.make_parser(__doc__, batch_size=1, tolerance=0.2)
+    parser.add_argument("--split", default="val2017", help="image folder and annotation name (default val2017)")
+    parser.add_argument("--annotations", type=Path, metavar="FILE",
+                        help="instances annotation file (default: COCO_ROOT/annotations/instances_SPLIT.json)")
+    parser.add_argument("--save-predictions", type=Path, metavar="FILE", help="write the detections as COCO results JSON")
+    parser.add_argument("--predictions", type=Path, nargs="+", metavar="FILE",
+                        help="score saved COCO results (ours, or mmdetection's .bbox.json/.segm.json) instead of "
+                             "running the model")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch and the extras are imported
+
 import numpy as np
 import torch
 from PIL import Image
@@ -431,18 +452,6 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     records, errors = common.evaluate_each(names, lambda name: [evaluate_weights(name, coco, folder, ids, args, dist)],
                                            dist, keep_going=args.model is None)
     return common.finish(records, errors, args.json_out, dist)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = common.make_parser(__doc__, batch_size=1, tolerance=0.2)
-    parser.add_argument("--split", default="val2017", help="image folder and annotation name (default val2017)")
-    parser.add_argument("--annotations", type=Path, metavar="FILE",
-                        help="instances annotation file (default: COCO_ROOT/annotations/instances_SPLIT.json)")
-    parser.add_argument("--save-predictions", type=Path, metavar="FILE", help="write the detections as COCO results JSON")
-    parser.add_argument("--predictions", type=Path, nargs="+", metavar="FILE",
-                        help="score saved COCO results (ours, or mmdetection's .bbox.json/.segm.json) instead of "
-                             "running the model")
-    return parser
 
 
 if __name__ == "__main__":

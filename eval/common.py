@@ -38,14 +38,20 @@ from tqdm import tqdm
 
 import gczoo
 from gczoo.fileio import atomic_path
-from gczoo.convert import StateDictMismatchError, filter_fn
+from gczoo.convert import StateDictMismatchError
+from gczoo.loading import carry_advice, model_from_file
 from gczoo.manifest import ManifestError, load_manifest, metric_numbers
 from gczoo.registry import UnknownModelError, create_model, model_entry, split_name, weights_entry
-from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, load_checkpoint, sha256_of, verify_file
+from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, sha256_of, verify_file
+
+if __package__:  # imported as eval.common
+    from .flags import make_parser
+else:  # next to a script run as python eval/<script>.py
+    from flags import make_parser
 
 __all__ = [
     "EXIT_PASS", "EXIT_FAIL", "EXIT_BAD_INPUT", "PASS", "FAIL", "BadInput", "BAD_INPUT_ERRORS", "Distributed", "LoadedModel",
-    "make_parser", "main", "missing_extra", "error_message", "load_model", "published_metrics", "weights_with_metrics", "compare",
+    "make_parser", "main", "missing_extra", "error_message", "print_error", "load_model", "published_metrics", "weights_with_metrics", "compare",
     "verdict_of", "exit_code", "no_verdict_reason", "evaluate_each", "finish", "record", "write_report", "versions", "progress", "autocast", "format_table", "verdict_lines",
 ]
 
@@ -65,37 +71,6 @@ BAD_INPUT_ERRORS = (BadInput, UnknownModelError, ManifestError, StateDictMismatc
 
 
 # --------------------------------------------------------------------------- command line
-
-def make_parser(doc: str, *, batch_size: int, tolerance: float) -> argparse.ArgumentParser:
-    """A script's parser: the first paragraph of its docstring, the exit codes, and the flags
-    every evaluation script shares (each script chooses its defaults and adds its own flags)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     epilog="Exit code: 0 PASS or nothing to compare, 1 FAIL, 2 bad input.")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", metavar="NAME[.TAG]",
-                      help="model and weights tag to evaluate (default tag of the model if none)")
-    what.add_argument("--all", action="store_true",
-                      help="evaluate every weights tag of the manifest that has a published number for this task")
-    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset directory")
-    parser.add_argument("--checkpoint", type=Path, metavar="FILE",
-                        help="weights from a local file (safetensors or a pickle, read with weights_only=True) "
-                             "instead of the manifest's source; reported without PASS/FAIL")
-    parser.add_argument("--weights-file", type=Path, metavar="FILE",
-                        help="a copy of the weights of --model NAME.TAG (e.g. from `gczoo download --to` on a machine "
-                             "with network), checked against the manifest's sha256 before use; keeps PASS/FAIL")
-    parser.add_argument("--tolerance", type=float, default=tolerance, metavar="POINTS",
-                        help=f"largest |measured - published| still called PASS (default {tolerance})")
-    parser.add_argument("--json-out", type=Path, metavar="FILE", help="write the report as JSON")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"per process (default {batch_size})")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="data loading processes per process (0: load in the main process)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    parser.add_argument("--limit", type=int, metavar="N",
-                        help="quick check on the first N samples; reported as such, never PASS/FAIL")
-    parser.add_argument("--amp", action="store_true",
-                        help="on a GPU, run under float16 autocast (default: float32, as the published numbers)")
-    return parser
-
 
 def _check_common_args(args: argparse.Namespace) -> None:
     if args.checkpoint is not None and args.model is None:
@@ -129,7 +104,7 @@ def main(run: Callable[[argparse.Namespace, "Distributed"], int], parser: argpar
         dist = Distributed.setup(args.device)
         return run(args, dist)
     except BAD_INPUT_ERRORS as err:
-        print(f"error: {error_message(err)}", file=sys.stderr)
+        print_error(error_message(err))
         return EXIT_BAD_INPUT
     finally:
         if dist is not None:
@@ -141,10 +116,23 @@ def error_message(err: Exception) -> str:
     if isinstance(err, UnknownModelError):
         return f"{err} `gczoo list --pretrained` lists every model and weights tag."
     if isinstance(err, WeightsUnavailableError):
-        return (f"{err.summary()}\nWithout network here: on a machine with network, `gczoo download {err.label} "
-                "--to DIR` writes the upstream file the manifest pins; carry it over and add --weights-file FILE: "
-                "it is checked against the manifest's hash before use, so the run still gives PASS/FAIL.")
+        here = sys.argv and Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent
+        script = Path(sys.argv[0]).name if here else "SCRIPT.py"  # the running eval script
+        return (f"{err.summary()}\n"
+                + carry_advice(err.label, f"python eval/{script} --model {err.label} --weights-file FILE --data DIR")
+                + " The run then still gives PASS/FAIL.")
     return str(err)
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, on a line of its own: a progress bar still open (an error raised
+    inside its loop) is closed first, and its line ended where stderr is not a terminal."""
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        bar.close()
+    if bars and not sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def missing_extra(extra: str, err: ModuleNotFoundError) -> int:
@@ -259,14 +247,13 @@ def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = 
     """Build ``name`` (``arch`` or ``arch.tag``) with the tag's verified weights or a local file.
 
     Without ``checkpoint`` the tag's file is fetched and verified by :func:`gczoo.weights.fetch`.
-    A ``checkpoint`` goes through the tag's converter when the architecture has weights in the
-    zoo (so an upstream-layout file works), and must be in the model's own layout otherwise.
-    Either way keys and shapes are checked strictly before anything is loaded. A
+    A ``checkpoint`` may be in the zoo's layout (``model.state_dict()`` saved) or in the upstream
+    layout of the tag (:func:`gczoo.loading.model_from_file`, the rule of every command); keys and
+    shapes are checked strictly before anything is loaded. A
     ``weights_file`` stands in for the download: it must match the manifest's hash
     (:func:`gczoo.weights.verify_file`), so the weights are the tag's and keep their verdict.
     """
     arch, tag = split_name(name)
-    entry = model_entry(arch)
     if checkpoint is None:
         tag, wentry = weights_entry(arch, tag)
         if weights_file is not None:
@@ -279,7 +266,8 @@ def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = 
     else:
         path = checkpoint
         try:
-            model = _from_checkpoint(name, arch, tag or entry["default_tag"], path, **kwargs)
+            model, how = model_from_file(name, path, **kwargs)
+            print(f"{name}: weights from {path} ({how})", file=sys.stderr, flush=True)
         except StateDictMismatchError:
             raise
         except (OSError, RuntimeError, ValueError) as err:  # WeightsError (unreadable, unsafe) is a RuntimeError
@@ -289,15 +277,6 @@ def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = 
         model = model.to(memory_format=torch.channels_last)
     return LoadedModel(model=model, arch=arch, tag=tag, weights_file=Path(path).resolve(),
                        weights_sha256=sha256_of(path), checkpoint=checkpoint is not None)
-
-
-def _from_checkpoint(name: str, arch: str, tag: Optional[str], path: Path, **kwargs: Any) -> torch.nn.Module:
-    if tag:  # the tag's converter, as for downloaded weights
-        return create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    model = create_model(arch, **kwargs)
-    check = filter_fn(arch, "checkpoint", "identity", str(path))
-    model.load_state_dict(check(load_checkpoint(path, f"{arch} checkpoint"), model))
-    return model
 
 
 # --------------------------------------------------------------------------- published numbers
@@ -374,7 +353,7 @@ def evaluate_each(names: Sequence[str], evaluate: Callable[[str], List[dict]], d
             if not keep_going or isinstance(err, BadInput):
                 raise
             if dist.is_main:
-                print(f"error: {name}: {error_message(err)}", file=sys.stderr, flush=True)
+                print_error(f"{name}: {error_message(err)}")
             errors.append({"name": name, "error": str(err)})
     return records, errors
 

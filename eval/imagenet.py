@@ -55,6 +55,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+if __package__:  # imported as eval.<script> (the tests)
+    from . import flags
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import flags
+
+LOC_SOLUTION = "LOC_val_solution.csv"
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+SYNSET_IDS = "map_clsloc.txt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = flags.make_parser(__doc__, batch_size=64, tolerance=0.1)
+    parser.add_argument("--img-size", type=int, help="evaluate at this size instead of the published protocols")
+    parser.add_argument("--crop-pct", type=float, help="center-crop fraction instead of the published protocols")
+    parser.add_argument("--ground-truth", type=Path, metavar="FILE",
+                        help=f"flat layout: {LOC_SOLUTION} or {DEVKIT_GROUND_TRUTH} (default: looked up in --data "
+                             "and its parent)")
+    parser.add_argument("--synset-ids", type=Path, metavar="FILE",
+                        help=f"with {DEVKIT_GROUND_TRUTH}: lines 'WNID ILSVRC2012_ID' ({SYNSET_IDS}) or one WNID per "
+                             "line in ILSVRC2012_ID order (the devkit's meta.mat order)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch and the extras are imported
+
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
@@ -76,9 +102,6 @@ TASK = "imagenet-1k"
 NUM_CLASSES = 1000
 NUM_VAL_IMAGES = 50_000
 VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
-LOC_SOLUTION = "LOC_val_solution.csv"
-DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
-SYNSET_IDS = "map_clsloc.txt"
 
 Sample = Tuple[Path, int]
 
@@ -432,19 +455,6 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     if args.model is None and dist.is_main:
         print("\n" + _summary(records, errors))
     return common.finish(records, errors, args.json_out, dist)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = common.make_parser(__doc__, batch_size=64, tolerance=0.1)
-    parser.add_argument("--img-size", type=int, help="evaluate at this size instead of the published protocols")
-    parser.add_argument("--crop-pct", type=float, help="center-crop fraction instead of the published protocols")
-    parser.add_argument("--ground-truth", type=Path, metavar="FILE",
-                        help=f"flat layout: {LOC_SOLUTION} or {DEVKIT_GROUND_TRUTH} (default: looked up in --data "
-                             "and its parent)")
-    parser.add_argument("--synset-ids", type=Path, metavar="FILE",
-                        help=f"with {DEVKIT_GROUND_TRUTH}: lines 'WNID ILSVRC2012_ID' ({SYNSET_IDS}) or one WNID per "
-                             "line in ILSVRC2012_ID order (the devkit's meta.mat order)")
-    return parser
 
 
 if __name__ == "__main__":

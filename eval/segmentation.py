@@ -36,6 +36,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+if __package__:  # imported as eval.<script> (the tests)
+    from . import flags
+else:  # run as a script (python eval/<script>.py, torchrun): its folder is the first entry of sys.path
+    import flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = flags.make_parser(__doc__, batch_size=1, tolerance=0.2)
+    parser.add_argument("--aug", choices=("none", "ms_flip"), default="none",
+                        help="ms_flip: mmsegmentation's multi-scale (0.5-1.75) + flip test, compared with the "
+                             "published ms+flip mIoU")
+    parser.add_argument("--split", default="val", help="split folder (default val; ADE20K's is called validation)")
+    parser.add_argument("--test-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                        help="override the tag's keep-ratio test scale (quick checks; reported without PASS/FAIL)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch and the extras are imported
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -257,7 +277,7 @@ def _check_model(name: str, dataset: str) -> None:
         raise BadInput(f"{arch} is not a segmentation model; `gczoo list '*_d8'` lists them.")
     tag, entry = weights_entry(arch, tag)
     if entry["segmentation"]["dataset"] != dataset:
-        raise BadInput(f"{arch}.{tag} is a {entry['segmentation']['dataset']} model, but --data holds {dataset}; "
+        raise BadInput(f"{arch}.{tag} is a model of {entry['segmentation']['dataset']}, but --data holds {dataset}; "
                        f"pick a tag of {dataset} (`gczoo info {arch}`).")
 
 
@@ -328,17 +348,6 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     records, errors = common.evaluate_each(names, lambda name: [evaluate_weights(name, dataset, samples, args, dist)],
                                            dist, keep_going=args.model is None)
     return common.finish(records, errors, args.json_out, dist)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = common.make_parser(__doc__, batch_size=1, tolerance=0.2)
-    parser.add_argument("--aug", choices=("none", "ms_flip"), default="none",
-                        help="ms_flip: mmsegmentation's multi-scale (0.5-1.75) + flip test, compared with the "
-                             "published ms+flip mIoU")
-    parser.add_argument("--split", default="val", help="split folder (default val; ADE20K's is called validation)")
-    parser.add_argument("--test-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
-                        help="override the tag's keep-ratio test scale (quick checks; reported without PASS/FAIL)")
-    return parser
 
 
 if __name__ == "__main__":

@@ -451,55 +451,33 @@ def plot_attention_maps(captured: Dict[str, Tuple[nn.Module, torch.Tensor]], net
 VIDEO_FRAMES = 8
 
 
-def _load_model(name: str, checkpoint: Optional[Union[str, Path]]) -> Tuple[nn.Module, str]:
-    """The model of ``NAME[.TAG]`` and a note on its weights.
+def _load_model(name: str, checkpoint: Optional[Union[str, Path]],
+                weights_file: Optional[Union[str, Path]] = None) -> Tuple[nn.Module, str]:
+    """The model of ``NAME[.TAG]`` and a note on its weights, by the rule of every command
+    (:func:`gczoo.loading.model_for_command`: a checkpoint in the zoo's or the tag's upstream layout, a
+    verified copy of the tag's file, the tag's download, else seeded random initialisation)."""
+    from .loading import model_for_command
 
-    ``checkpoint``: a state dict in the zoo's layout, or else in the layout of the model's weights
-    tag (e.g. a file from ``gczoo download``), converted and checked by that tag's converter.
-    Without it: the tag's (or the default tag's) weights, or random initialisation when the zoo has none.
-    """
-    from .convert import filter_fn
-    from .registry import create_model, model_entry, split_name
-    from .weights import load_checkpoint
-
-    arch, tag = split_name(name)
-    entry = model_entry(arch)
-    tag = tag or entry["default_tag"]
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, f"{arch} checkpoint")
-        model = create_model(arch)
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        note = f"weights: {Path(checkpoint).name}"
-        if not (missing or unexpected or reshaped):  # the zoo's layout: still the check every loaded file gets
-            model.load_state_dict(filter_fn(arch, "(checkpoint)", "identity", str(checkpoint))(state, model))
-            return model, note
-        if tag:  # the upstream layout of the tag's weights, through its converter (keys and shapes checked)
-            model = create_model(f"{arch}.{tag}", pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(checkpoint), state_dict=state))
-            return model, f"{note} (converted as {arch}.{tag})"
-        raise ValueError(f"{checkpoint} does not fit {arch} (a state dict in the zoo's layout is expected): "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}")
-    if tag:
-        return create_model(f"{arch}.{tag}", pretrained=True), f"weights: {arch}.{tag}"
-    return create_model(arch), ("weights: none (random initialisation: the zoo has no weights for this model; "
-                                "pass --checkpoint FILE to analyse trained ones)")
+    loaded = model_for_command(name, "gczoo analyze {name} IMAGE... --out DIR --weights-file FILE",
+                               checkpoint=None if checkpoint is None else Path(checkpoint),
+                               weights_file=None if weights_file is None else Path(weights_file))
+    return loaded.model, loaded.note
 
 
 def _image_input(model: nn.Module, family: str, path: Path) -> torch.Tensor:
-    """One image file as the model's input: 0-1 RGB at the test scale for detection models, the model's
-    own eval transform for classifiers, a static clip of :data:`VIDEO_FRAMES` frames for video models.
-    Pictures are bounded in pixels before decoding (:func:`gczoo.fileio.read_image`)."""
+    """One image file as the model's input: 0-1 RGB for detection models, the model's own eval
+    transform for classifiers, a static clip of :data:`VIDEO_FRAMES` frames for video models."""
+    from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform, resolve_data_config
     from torchvision.transforms.functional import to_tensor
 
-    from .fileio import read_image
-
-    if family == "maskrcnn":  # at the detector's test scale (its own transform would resize it there)
-        return to_tensor(read_image(path, fit=model.pretrained_cfg["input_size"][1:]))
-    picture = read_image(path)
+    try:
+        with Image.open(path) as img:
+            picture = img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read {path} as an image ({err})") from err
+    if family == "maskrcnn":
+        return to_tensor(picture)
     if family == "slowonly":
         frame = create_transform(**resolve_data_config({"input_size": (3, 224, 224)}))(picture)
         return frame.unsqueeze(1).expand(-1, VIDEO_FRAMES, -1, -1).contiguous()
@@ -507,7 +485,8 @@ def _image_input(model: nn.Module, family: str, path: Path) -> torch.Tensor:
 
 
 def analyze_command(name: str, images: Sequence[Union[str, Path]], out: Union[str, Path],
-                    checkpoint: Optional[Union[str, Path]] = None, queries: int = 4) -> Dict[str, Path]:
+                    checkpoint: Optional[Union[str, Path]] = None, queries: int = 4,
+                    weights_file: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
     """``gczoo analyze``: the table (markdown and JSON) over ``images`` and the attention-map figure of the first.
 
     Writes ``query_independence.md``, ``query_independence.json`` and ``attention_maps.png`` into ``out``.
@@ -523,7 +502,7 @@ def analyze_command(name: str, images: Sequence[Union[str, Path]], out: Union[st
         if not p.is_file():
             raise ValueError(f"no image file at {p}")
     family = model_entry(split_name(name)[0])["family"]
-    model, weights_note = _load_model(name, checkpoint)
+    model, weights_note = _load_model(name, checkpoint, weights_file)
     inputs = [_image_input(model, family, p) for p in paths]
     started, cpu_started = time.perf_counter(), time.process_time()
     progress = (lambda it: tqdm(it, desc="images", unit="image")) if len(inputs) > 1 else None

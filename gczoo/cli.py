@@ -1,8 +1,8 @@
 """The ``gczoo`` command line.
 
-``gczoo demo [--model NAME[.TAG]]``  the zoo at a glance: model list, the model's natural output, weights check
+``gczoo demo [--model NAME[.TAG]] [--image F] [--out PNG]`` one model's natural output on a picture
 ``gczoo list [PATTERN] [--pretrained]`` model names (``arch`` or ``arch.tag``)
-``gczoo info NAME [--measure] [--json]`` the model card
+``gczoo info NAME[.TAG] [--full] [--measure] [--json]`` the model card (one screen; ``--full``: everything)
 ``gczoo table [--check F | --write F]`` the README's model table
 ``gczoo download NAME[.TAG] [--to DIR]`` fetch and verify weights (``--to``: the upstream file, for an air-gapped machine)
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
@@ -10,6 +10,8 @@
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
 ``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
 
+``demo`` and ``analyze`` obtain weights by the rule of :mod:`gczoo.loading` (``--checkpoint``, ``--weights-file``,
+the tag's download, else seeded random weights, said so). Input files are checked before any download.
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights. Each subcommand is a
 ``_name(args) -> exit code`` function and its parser lines in :func:`_parser`; modules are imported
 inside the functions, so ``--help``, ``list`` and ``info`` answer from the manifest without
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from . import __version__
 from .fileio import atomic_path, read_image
 
 __all__ = ["main"]
@@ -48,7 +51,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(model_info(args.name, measure=args.measure), indent=2, default=str))
     else:
-        print(model_card(args.name, measure=args.measure))
+        print(model_card(args.name, measure=args.measure, full=args.full))
     return 0
 
 
@@ -69,6 +72,8 @@ def _table(args: argparse.Namespace) -> int:
     if target is None:
         print(table)
         return 0
+    if not target.is_file():
+        raise ValueError(f"{target}: no such file (--check and --write take the README holding the table)")
     text = target.read_text(encoding="utf-8")
     current = _readme_block(text, target)
     if args.write:
@@ -120,11 +125,13 @@ def _pin(args: argparse.Namespace) -> int:
     """Record each source's full sha256, but only on evidence beyond the one download: the digest
     is already pinned, the maintainer confirms it (``--confirm``), or a second, independent host
     serves the identical file (``--also-from``). A prefix-verified download alone proves 32 bits."""
-    from . import weights
     from .manifest import MANIFEST_PATH, dump_manifest, load_manifest
-    from .registry import split_name
+    from .registry import check_name, split_name
 
     path = args.manifest or MANIFEST_PATH
+    if args.manifest is None:
+        check_name(args.name)  # a misspelled name gets close matches, as in every command
+    from . import weights
     manifest = copy.deepcopy(load_manifest(path))
     arch, tag = split_name(args.name)
     entry = manifest["models"].get(arch, {}).get("weights", {}).get(tag)
@@ -186,23 +193,62 @@ def _demo_picture():
     return torch.stack([x, y, 1 - x * y]).mul(255).byte()
 
 
-def _demo_input(args: argparse.Namespace, fit=None):
-    """``--image FILE`` as uint8 CHW RGB, bounded and scaled down to ``fit`` (gczoo.fileio.read_image), or the test picture."""
+def _demo_input(args: argparse.Namespace):
+    """``--image FILE`` as uint8 CHW RGB, bounded before decoding (gczoo.fileio.read_image), or the test picture."""
     if args.image is None:
         return _demo_picture()
     from torchvision.transforms.functional import pil_to_tensor
 
-    return pil_to_tensor(read_image(args.image, fit, what="--image"))
+    return pil_to_tensor(read_image(args.image, what="--image"))
 
 
-def _save_png(picture, path: Path) -> None:
+def _fit_picture(picture, fit):
+    """``picture`` (uint8 CHW) scaled down, keeping its aspect ratio, until its sides fit ``fit`` = (long, short)
+    (the model's test scale, as :func:`gczoo.fileio.read_image` does for files)."""
+    from torchvision.transforms.functional import resize
+
+    height, width = picture.shape[-2:]
+    scale = min(1.0, max(fit) / max(width, height), min(fit) / min(width, height))
+    if scale == 1.0:
+        return picture
+    return resize(picture, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
+
+
+#: Height in pixels of one line of the caption under a demo picture (PIL's default bitmap font).
+_CAPTION_LINE = 14
+
+
+def _save_png(picture, path: Path, captions=()) -> None:
+    """Save ``picture`` (uint8 CHW) as a PNG, with ``captions`` -- ``(text, (r, g, b) swatch or None, text colour)``
+    lines -- written on a black band under it (the image itself is left as the model saw it)."""
+    from PIL import Image, ImageDraw
     from torchvision.transforms.functional import to_pil_image
 
+    image = to_pil_image(picture)
+    if captions:
+        width = max(image.width, 260)
+        canvas = Image.new("RGB", (width, image.height + _CAPTION_LINE * len(captions) + 4))
+        canvas.paste(image, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, (text, swatch, colour) in enumerate(captions):
+            y = image.height + 2 + i * _CAPTION_LINE
+            x = 2
+            if swatch is not None:
+                draw.rectangle([x, y + 2, x + 10, y + 11], fill=tuple(swatch))
+                x += 14
+            draw.text((x, y), text, fill=colour)
+        image = canvas
     with atomic_path(path) as tmp:
-        to_pil_image(picture).save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
 
 
-def _demo_classifier(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+def _random_caption(loaded: bool) -> list:
+    from .loading import SEED
+
+    return [] if loaded else [(f"random weights (seed {SEED}): this output means nothing", None, (255, 80, 80))]
+
+
+def _demo_classifier(model, name: str, loaded: bool, picture, args: argparse.Namespace) -> int:
     """Top-5 ImageNet classes; with the GC-ready weights, the check against torchvision's ResNet."""
     import torch
     import torchvision
@@ -210,7 +256,7 @@ def _demo_classifier(model, name: str, loaded: bool, args: argparse.Namespace) -
     from torchvision.transforms.functional import to_pil_image
 
     config = resolve_data_config({}, model=model)
-    batch = create_transform(**config)(to_pil_image(_demo_input(args))).unsqueeze(0)
+    batch = create_transform(**config)(to_pil_image(picture)).unsqueeze(0)
     with torch.no_grad():
         logits = model(batch)
     print(f"forward pass: input {tuple(batch.shape)} (size {config['input_size'][1:]}, {config['interpolation']}, "
@@ -228,10 +274,14 @@ def _demo_classifier(model, name: str, loaded: bool, args: argparse.Namespace) -
     weights_file = model.pretrained_cfg.get("file")
     if source not in torchvision.models.list_models(module=torchvision.models) or not weights_file:
         return 0
+    from .convert import is_zoo_layout
     from .weights import load_checkpoint
 
     reference = torchvision.models.get_model(source).eval()
-    reference.load_state_dict(load_checkpoint(weights_file, f"{name} weights"))
+    state_dict = load_checkpoint(weights_file, f"{name} weights")
+    if is_zoo_layout(state_dict, model):  # the user's own weights (--checkpoint): nothing to compare with
+        return 0
+    reference.load_state_dict(state_dict)
     with torch.no_grad():
         diff = (reference(batch) - logits).abs().max().item()
     verdict = "PASS" if diff <= 1e-4 else "FAIL"
@@ -240,12 +290,12 @@ def _demo_classifier(model, name: str, loaded: bool, args: argparse.Namespace) -
     return 0 if verdict == "PASS" else 1
 
 
-def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+def _demo_detection(model, name: str, loaded: bool, picture, args: argparse.Namespace) -> int:
     """Detections (boxes, masks, COCO names) drawn on the picture and saved as a PNG."""
     import torch
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    picture = _demo_input(args, fit=model.pretrained_cfg["input_size"][1:])  # the detector's test scale
+    picture = _fit_picture(picture, model.pretrained_cfg["input_size"][1:])  # the detector's test scale
     with torch.no_grad():
         det = model([picture.float() / 255])[0]
     keep = det["scores"] >= args.score_threshold
@@ -255,27 +305,34 @@ def _demo_detection(model, name: str, loaded: bool, args: argparse.Namespace) ->
     print(f"forward pass: image {tuple(picture.shape)} -> {len(det['scores'])} detections, "
           f"{int(keep.sum())} with score >= {args.score_threshold}"
           + ("" if loaded else " (random weights: these detections mean nothing)"))
+    if not loaded and not keep.any():
+        # Untrained heads score each of the 81 classes (80 + background) near 1/81 = 0.012: below the model's own
+        # test-time filter (mmdetection's score_thr 0.05) or, past it, below the drawing threshold.
+        print(f"  (untrained heads score every class near 1/81 = 0.012, so no detection reaches "
+              f"{'the model filter 0.05' if not len(det['scores']) else f'--score-threshold {args.score_threshold}'}"
+              "; real weights draw boxes)")
     for label in names[:10]:
         print(f"  {label}")
     drawn = picture
     if "masks" in det and keep.any():
         masks = det["masks"][keep][:, 0] >= model.meta["mask_threshold"]
         drawn = draw_segmentation_masks(drawn, masks, alpha=0.4)
-    drawn = draw_bounding_boxes(drawn, det["boxes"][keep], labels=names, width=2)
+    if keep.any():  # torchvision warns on an empty box list
+        drawn = draw_bounding_boxes(drawn, det["boxes"][keep], labels=names, width=2)
     out = args.out or Path(f"gczoo-demo-{name}.png")
-    _save_png(drawn, out)
+    _save_png(drawn, out, _random_caption(loaded))
     print(f"wrote {out}")
     return 0
 
 
-def _demo_video(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
+def _demo_video(model, name: str, loaded: bool, picture, args: argparse.Namespace) -> int:
     """A static clip (the picture repeated over the model's frames) -> the top-5 Kinetics-400 class indices."""
     import torch
     from timm.data import create_transform, resolve_data_config
     from torchvision.transforms.functional import to_pil_image
 
     _, frames, height, width = model.pretrained_cfg["input_size"]
-    frame = create_transform(**resolve_data_config({"input_size": (3, height, width)}))(to_pil_image(_demo_input(args)))
+    frame = create_transform(**resolve_data_config({"input_size": (3, height, width)}))(to_pil_image(picture))
     clip = frame.unsqueeze(1).expand(-1, frames, -1, -1).unsqueeze(0)
     with torch.no_grad():
         logits = model(clip)
@@ -288,12 +345,17 @@ def _demo_video(model, name: str, loaded: bool, args: argparse.Namespace) -> int
     return 0
 
 
-def _demo_segmentation(model, name: str, loaded: bool, args: argparse.Namespace) -> int:
-    """Per-pixel classes at the model's test scale, coloured over the picture and saved as a PNG."""
+#: Classes named in the segmentation demo's legend (the largest areas first).
+_LEGEND_CLASSES = 5
+
+
+def _demo_segmentation(model, name: str, loaded: bool, picture, args: argparse.Namespace) -> int:
+    """Per-pixel classes at the picture's own size, coloured over it with a legend of the largest classes,
+    saved as a PNG."""
     import torch
     from torchvision.utils import draw_segmentation_masks
 
-    picture = _demo_input(args, fit=model.meta["test_scale"])
+    picture = _fit_picture(picture, model.meta["test_scale"])
     mean, std = (torch.tensor(model.pretrained_cfg[k]).view(3, 1, 1) for k in ("mean", "std"))
     with torch.no_grad():
         labels = model(((picture.float() / 255 - mean) / std)[None])["out"][0].argmax(0)
@@ -303,13 +365,19 @@ def _demo_segmentation(model, name: str, loaded: bool, args: argparse.Namespace)
     print(f"forward pass: image {tuple(picture.shape)} -> {len(classes)}-class map {tuple(labels.shape)} "
           f"({model.meta['dataset']}), {len(present)} classes present"
           + ("" if loaded else " (random weights: these classes mean nothing)"))
-    for i in sorted(present, key=lambda i: -int(area[i]))[:5]:
-        print(f"  {int(area[i]) / labels.numel():.3f}  {classes[i]}")
     palette = torch.randint(0, 256, (len(classes), 3), generator=torch.Generator().manual_seed(0)).tolist()
+    largest = sorted(present, key=lambda i: -int(area[i]))
+    legend = []
+    for i in largest[:_LEGEND_CLASSES]:
+        share = f"{int(area[i]) / labels.numel():.3f}"
+        print(f"  {share}  {classes[i]}")
+        legend.append((f"{classes[i]} {share}", palette[i], (255, 255, 255)))
+    if len(largest) > _LEGEND_CLASSES:
+        legend.append((f"+ {len(largest) - _LEGEND_CLASSES} more classes", None, (255, 255, 255)))
     masks = labels[None] == torch.tensor(present)[:, None, None]
     drawn = draw_segmentation_masks(picture, masks, alpha=0.6, colors=[tuple(palette[i]) for i in present])
     out = args.out or Path(f"gczoo-demo-{name}.png")
-    _save_png(drawn, out)
+    _save_png(drawn, out, _random_caption(loaded) + legend)
     print(f"wrote {out}")
     return 0
 
@@ -321,7 +389,7 @@ def _detection_kwargs(args: argparse.Namespace) -> dict:
 
 @dataclass(frozen=True)
 class Demo:
-    """How the demo shows one family: ``run(model, name, loaded, args) -> exit code`` prints (and saves)
+    """How the demo shows one family: ``run(model, name, loaded, picture, args) -> exit code`` prints (and saves)
     the family's natural output; ``model_kwargs(args)`` are builder arguments taken from its flags."""
 
     run: Callable[..., int]
@@ -338,74 +406,74 @@ DEMOS: Dict[str, Demo] = {
 }
 
 
-def _unavailable_advice(err, name: str, command: str) -> str:
-    return (f"{err.summary()}\nWithout network here: on a machine with network, `gczoo download {name} --to DIR` "
-            f"writes the upstream file the manifest pins; carry it over and run `gczoo {command} --model {name} "
-            "--weights-file FILE` (it is checked against the manifest's hash before use).")
+def _check_files(**files: Optional[Path]) -> None:
+    """Every file a command was given exists, before any download or model build (seconds, or minutes)."""
+    for flag, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The newcomer's first look: the zoo's models, and one model's natural output, with its weights if any."""
-    from .registry import check_name, create_model, list_models, model_entry
+    """The newcomer's first look: one model's natural output, with its weights if any (else seeded random ones)."""
+    from .registry import check_name, model_entry
 
-    arch, tag = check_name(args.model)
+    arch, _ = check_name(args.model)
     family = model_entry(arch)["family"]
     if family not in DEMOS:
         raise ValueError(f"no demo for {arch} (family {family!r}) yet; the demo covers {', '.join(sorted(DEMOS))}")
-    from . import weights
+    _check_files(image=args.image, weights_file=args.weights_file, checkpoint=args.checkpoint)
+    picture = _demo_input(args)  # a bad picture fails now, not after a download
+    from .loading import model_for_command
 
     demo = DEMOS[family]
-    kwargs = demo.model_kwargs(args)
-    print("gczoo models (`gczoo list --pretrained` for weights tags, `gczoo info NAME` for a card):")
-    print("  " + "\n  ".join(list_models()))
-    loaded = False
-    if model_entry(arch)["default_tag"] is None and tag is None:
-        if args.weights_file:
-            raise ValueError(f"{arch} has no weights in the zoo, so --weights-file cannot be checked against it")
-        print(f"\n== {arch}: no weights in the zoo, so this run uses random initialisation")
-        model = create_model(arch, **kwargs)
-    else:
-        tag = tag or model_entry(arch)["default_tag"]
-        name = f"{arch}.{tag}"
-        if args.weights_file:
-            print(f"\n== {name}: checking {args.weights_file} against the manifest")
-            entry = model_entry(arch)["weights"][tag]
-            print(f"verified: {weights.verify_file(arch, tag, entry, args.weights_file)}")
-            model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(args.weights_file)),
-                                 **kwargs)
-            loaded = True
-        else:
-            print(f"\n== {name}: downloading and verifying its weights")
-            try:
-                model = create_model(name, pretrained=True, **kwargs)
-                loaded = True
-            except weights.WeightsUnavailableError as err:
-                print(_unavailable_advice(err, name, "demo"))
-                print("So this run uses random initialisation and verifies nothing.")
-                model = create_model(name, **kwargs)
-    return demo.run(model.eval(), args.model, loaded, args)
+    loaded = model_for_command(args.model, "gczoo demo --model {name} --weights-file FILE",
+                               checkpoint=args.checkpoint, weights_file=args.weights_file, **demo.model_kwargs(args))
+    code = demo.run(loaded.model, args.model, loaded.loaded, picture, args)
+    print("(`gczoo list` names every model; `gczoo demo --model NAME` shows another, `gczoo info NAME` its card)")
+    return code
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .registry import check_name
+
+    check_name(args.name)
+    for image in args.images:
+        if not image.is_file():
+            raise ValueError(f"no image file at {image}")
+    _check_files(weights_file=args.weights_file, checkpoint=args.checkpoint)
+    if importlib.util.find_spec("matplotlib") is None:  # before torch is imported and the model built
+        raise ValueError("the attention-map figure needs matplotlib: pip install 'gczoo[analysis]' "
+                         "(or -e '.[analysis]' in the clone)")
     from .analysis import analyze_command
 
     try:
-        analyze_command(args.name, args.images, args.out, checkpoint=args.checkpoint)
-    except ImportError as e:  # the figure's matplotlib: an extra
-        print(f"gczoo analyze: {e}", file=sys.stderr)
-        return 2
+        analyze_command(args.name, args.images, args.out, checkpoint=args.checkpoint, weights_file=args.weights_file)
+    except ImportError as err:  # matplotlib present but broken: the figure's extra, named
+        raise ValueError(str(err)) from None
     return 0
+
+
+def _weights_flags(parser: argparse.ArgumentParser) -> None:
+    """The weights flags of the commands that show a model (see :mod:`gczoo.loading` for the rule)."""
+    parser.add_argument("--checkpoint", type=Path, metavar="FILE",
+                        help="your own weights (.safetensors or .pth): the zoo's layout (model.state_dict() saved), "
+                             "or the upstream layout of the model's weights tag (converted)")
+    parser.add_argument("--weights-file", type=Path, metavar="FILE",
+                        help="a copy of the tag's weights (e.g. from `gczoo download --to`), checked against the "
+                             "manifest's hash")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gczoo", description="Global Context Networks model zoo")
+    parser.add_argument("--version", action="version", version=f"gczoo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the model list and one model's output (with its verified weights if any)")
+    p = sub.add_parser("demo", help="one model's natural output on a picture (with its verified weights if any)")
     p.add_argument("--model", default="resnet50_gc_r16", metavar="NAME[.TAG]")
-    p.add_argument("--weights-file", type=Path, metavar="FILE",
-                   help="a copy of the weights (e.g. from `gczoo download --to`), checked against the manifest's hash")
+    _weights_flags(p)
     p.add_argument("--image", type=Path, metavar="FILE", help="your own picture (default: a colour gradient)")
-    p.add_argument("--out", type=Path, metavar="PNG", help="detection: where to save the drawing "
+    p.add_argument("--out", type=Path, metavar="PNG", help="detection and segmentation: where to save the drawing "
                                                            "(default gczoo-demo-NAME.png)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detection: smallest score drawn (default 0.5)")
     p.add_argument("--min-size", type=int, metavar="PX", help="detection: resize the shorter side to PX instead of "
@@ -415,8 +483,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*")
     p.add_argument("--pretrained", action="store_true", help="list arch.tag for every weights tag")
     p.set_defaults(func=_list)
-    p = sub.add_parser("info", help="show a model card")
+    p = sub.add_parser("info", help="show a model card (one screen; --full for everything)")
     p.add_argument("name", metavar="NAME[.TAG]")
+    p.add_argument("--full", action="store_true",
+                   help="the whole card: notes, training, sources and hashes, protocols, citation")
     p.add_argument("--measure", action="store_true", help="count parameters again and measure FLOPs (builds the model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
@@ -449,11 +519,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace OUT/NAME.TAG/ even when it holds files publish did not write (they are deleted)")
     p.set_defaults(func=_publish)
     p = sub.add_parser("analyze", help="query independence of NL/SNL/GC blocks on images: table and attention maps")
-    p.add_argument("name", help="NAME or NAME.TAG (weights: the tag, --checkpoint, else random initialisation)")
+    p.add_argument("name", help="NAME or NAME.TAG (weights: --checkpoint, --weights-file, the tag's, else random)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--out", type=Path, required=True, help="folder for the table (.md, .json) and figure (.png)")
-    p.add_argument("--checkpoint", type=Path, help="weights file (.safetensors or .pth): the zoo's layout, or the "
-                   "upstream layout of the model's weights tag (converted)")
+    _weights_flags(p)
     p.set_defaults(func=_analyze)
     return parser
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .weights import WeightsError, load_checkpoint
 
-__all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "load_pretrained",
+__all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "is_zoo_layout", "load_pretrained",
            "mmdet_backbone", "mmdet_maskrcnn", "mmseg_segmentor", "new_head", "torchvision_resnet"]
 
 StateDict = Dict[str, torch.Tensor]
@@ -202,7 +202,18 @@ CONVERTERS: Dict[str, Callable[[StateDict, nn.Module], StateDict]] = {
 HEADLESS = frozenset({"mmdet_backbone", "new_head"})
 
 
-def _check(converted: StateDict, model: nn.Module, classifier: str, what: str) -> None:
+def is_zoo_layout(state_dict: StateDict, model: nn.Module) -> bool:
+    """Whether ``state_dict`` is already in ``model``'s own layout (e.g. ``model.state_dict()`` saved to a file).
+
+    The one test every command uses to tell the zoo's layout from an upstream one: the key sets are
+    equal. No upstream layout has exactly the model's keys (mmdetection and mmsegmentation use other
+    prefixes; a torchvision ResNet lacks the GC blocks), so a zoo-layout file is loaded as it is and
+    any other goes through the tag's converter.
+    """
+    return set(state_dict) == set(model.state_dict())
+
+
+def _check(converted: StateDict, model: nn.Module, classifier: str, what: str, arch: str) -> None:
     """Keys, shapes, dtypes and values of the converted checkpoint against the model, before loading.
 
     A classifier of another size is left to timm only where timm drops it (the model was built
@@ -226,7 +237,7 @@ def _check(converted: StateDict, model: nn.Module, classifier: str, what: str) -
         def show(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 
-        lines = [f"{what} does not fit the model:"]
+        lines = [f"{what} does not fit {arch}:"]
         if missing:
             lines.append(f"  missing keys: {show(missing)}")
         if unexpected:
@@ -268,16 +279,23 @@ def load_pretrained(model: nn.Module, arch: str, overlay: Optional[dict],
     model.load_state_dict(state_dict, strict=True)
 
 
-def filter_fn(arch: str, tag: str, converter: str, source: str) -> Callable[[StateDict, nn.Module], StateDict]:
-    """timm ``pretrained_filter_fn`` applying ``converter`` and checking keys and shapes strictly."""
+def filter_fn(arch: str, tag: Optional[str], converter: str, source: str) -> Callable[[StateDict, nn.Module], StateDict]:
+    """timm ``pretrained_filter_fn`` applying ``converter`` and checking keys and shapes strictly.
+
+    A state dict already in the model's layout (:func:`is_zoo_layout`) is not converted. ``tag`` None: weights
+    of no manifest tag (a user's checkpoint)."""
+    label = f"{arch}.{tag}" if tag else arch
     if converter not in CONVERTERS:
-        raise ValueError(f"{arch}.{tag}: unknown converter {converter!r} (known: {', '.join(sorted(CONVERTERS))})")
+        raise ValueError(f"{label}: unknown converter {converter!r} (known: {', '.join(sorted(CONVERTERS))})")
     convert = CONVERTERS[converter]
 
     def apply(state_dict: StateDict, model: nn.Module) -> StateDict:
-        converted = convert(state_dict, model)
+        if is_zoo_layout(state_dict, model):  # saved from a zoo model: nothing to convert
+            converted, how = state_dict, "the zoo's layout"
+        else:
+            converted, how = convert(state_dict, model), f"converter {converter!r}"
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc")
-        _check(converted, model, classifier, f"Weights {arch}.{tag} from {source} (converter {converter!r})")
+        _check(converted, model, classifier, f"Weights {label} from {source} ({how})", arch)
         return converted
 
     return apply

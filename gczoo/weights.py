@@ -342,10 +342,16 @@ def verify_file(model_name: str, tag: str, entry: dict, path: str | os.PathLike)
     expected = "; ".join(f"sha256 {s['sha256']} ({_describe(s)})" for s in pinned) or "no full sha256 at all"
     unpinned = [_describe(s) for s in entry["sources"] if not s.get("sha256")]
     if unpinned:
+        prefixes = [s for s in entry["sources"] if not s.get("sha256") and s.get("sha256_prefix")]
         raise WeightsError(
-            f"{label}: cannot verify {src} (sha256 {actual}) offline: it is none of the files the manifest "
-            f"pins ({expected}), and the manifest has no full sha256 for {'; '.join(unpinned)}. Carry a "
-            "pinned file instead (`gczoo info` lists each source's hash)."
+            f"{label}: cannot verify {src} (sha256 {actual}) offline: "
+            + (f"it is none of the files the manifest pins ({expected}), and " if pinned else "")
+            + f"the manifest has no full sha256 for {'; '.join(unpinned)}."
+            + "".join(f" Its sha256 does not start with {s['sha256_prefix']}, the hash prefix in the name of "
+                      f"{_describe(s)}: it is not that file." for s in prefixes)
+            + (" Carry a pinned file instead (`gczoo info` lists each source's hash)." if pinned else
+               f" Carry the upstream file itself (`gczoo download {label} --to DIR` on a machine with network)"
+               + (", and accept its hash prefix with GCZOO_ALLOW_PREFIX_ONLY=1." if prefixes else "."))
         )
     raise WeightsIntegrityError(
         f"{label}: {src} (sha256 {actual}) is not the file the manifest names: expected {expected}. "

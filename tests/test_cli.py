@@ -39,8 +39,7 @@ def test_names_cards_unknown_tags_and_offline_download_as_the_command_line_says(
     lines = out.stdout.splitlines()
     assert lines[:4] == ["resnet50_gc_r16_c4", "resnet50_nl_c4", "resnet50_snl_c4", "exit 0"]
     assert "resnet50_nl_c4" == lines[4]
-    assert any(l.startswith("parameters: 27.66M (counted on the built model, stored in the manifest); published 27.66M")
-               for l in lines)
+    assert "parameters: 27.66M; published 27.66M" in lines
     assert [l for l in lines if l.startswith("exit")] == ["exit 0"] * 2 + ["exit 2"] * 3 + ["exit 0", "exit 2"]
     assert "| `resnet50_nl_c4` | - | 27.66 | 77.21 / 93.64 (paper, no weights) | - | - | - |" in lines
     assert "torch imported: False timm imported: False" in lines and "registered: True" in lines
@@ -74,8 +73,8 @@ def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
     assert out.returncode == 0, out.stderr
     nl, det, video, seg = out.stdout.split("exit 0\n")[:4]
     assert out.stdout.count("exit 0\n") == 4
-    assert "== resnet50_nl_c4: no weights in the zoo, so this run uses random initialisation" in nl
-    top = nl.split("top-5 ImageNet classes (random weights: these classes mean nothing):\n", 1)[1].splitlines()
+    assert "== resnet50_nl_c4: random weights (seed 0), as the zoo has no weights for it" in nl
+    top = nl.split("top-5 ImageNet classes (random weights: these classes mean nothing):\n", 1)[1].splitlines()[:5]
     probs = [float(line.split()[0]) for line in top]
     assert len(top) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
 
@@ -84,17 +83,17 @@ def test_demo_runs_every_family_with_random_weights_and_says_so(tmp_path):
     assert "pretrained_cfg_overlay" not in det and "(random weights: these detections mean nothing)" in det
     assert f"wrote {png}" in det
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size == (400, 300)
+        assert image.format == "PNG" and image.size[0] == 400 and image.size[1] > 300  # a caption band under it
 
-    assert "== slowonly_resnet50_gc5: no weights in the zoo" in video
+    assert "== slowonly_resnet50_gc5: random weights (seed 0), as the zoo has no weights for it" in video
     assert "static clip (1, 3, 8, 224, 224) (the picture repeated over 8 frames) -> logits (1, 400)" in video
     top = video.split("top-5 Kinetics-400 class indices (random weights: these classes mean nothing):\n", 1)[1]
-    assert len(top.splitlines()) == 5
+    assert [line.split()[1] for line in top.splitlines()[:5]] == ["class"] * 5
 
     assert "cannot obtain weights gcnet_resnet50_d8.mmseg_ade20k_512x512_80k" in seg
     assert "-> 150-class map (32, 48) (ade20k)" in seg and "(random weights: these classes mean nothing)" in seg
     with Image.open(seg_png) as image:
-        assert image.format == "PNG" and image.size == (48, 32)
+        assert image.format == "PNG" and image.size[0] >= 48 and image.size[1] > 32  # the legend under it
 
 
 def test_eval_script_without_its_extra_names_the_install_line_and_exits_2(tmp_path):
@@ -103,7 +102,8 @@ def test_eval_script_without_its_extra_names_the_install_line_and_exits_2(tmp_pa
     (tmp_path / "pycocotools" / "__init__.py").write_text(
         "raise ModuleNotFoundError(\"No module named 'pycocotools'\", name='pycocotools')\n")
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    out = _run("eval/coco.py", "--help", env={"PYTHONPATH": path})
+    assert _run("eval/coco.py", "--help", env={"PYTHONPATH": path}).stdout.startswith("usage: coco.py")
+    out = _run("eval/coco.py", "--model", "maskrcnn_resnet50_fpn", "--data", tmp_path, env={"PYTHONPATH": path})
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == "error: coco.py needs the 'coco' extra (pycocotools is not installed): " \
                          "pip install -e '.[coco]' in the clone\n"

@@ -306,4 +306,4 @@ def test_air_gapped_weights_file_is_checked_against_the_manifest_and_limit_takes
     assert _exit_code(*argv[:4], *argv[6:]) == 2
     err = capsys.readouterr().err
     assert f"\nerror: cannot obtain weights {ARCH}.tv_in1k; sources tried:" in err
-    assert "add --weights-file FILE" in err and "pretrained_cfg_overlay" not in err
+    assert "--weights-file FILE --data DIR`" in err and "pretrained_cfg_overlay" not in err

@@ -139,7 +139,7 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert _run("--model", CITYSCAPES, "--data", tmp_path / "empty") == 2
     assert "neither a Cityscapes root" in capsys.readouterr().err
     assert _run("--model", ADE20K, "--data", data) == 2
-    assert "ade20k model, but --data holds cityscapes" in capsys.readouterr().err
+    assert "is a model of ade20k, but --data holds cityscapes" in capsys.readouterr().err
     assert _run("--model", "resnet50_gc_r16", "--data", data) == 2
     assert "not a segmentation model" in capsys.readouterr().err
     label = next((data / "gtFine").glob("val/bonn/*_labelIds.png"))

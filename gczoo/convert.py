@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from . import finetune
 from .weights import WeightsError, load_checkpoint
 
 __all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "load_pretrained",
@@ -275,7 +276,7 @@ def filter_fn(arch: str, tag: str, converter: str, source: str) -> Callable[[Sta
     convert = CONVERTERS[converter]
 
     def apply(state_dict: StateDict, model: nn.Module) -> StateDict:
-        converted = convert(state_dict, model)
+        converted = finetune.fit_classes(convert(state_dict, model), model, f"{arch}.{tag}")
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc")
         _check(converted, model, classifier, f"Weights {arch}.{tag} from {source} (converter {converter!r})")
         return converted

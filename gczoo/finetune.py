@@ -169,23 +169,24 @@ def freeze_stages(backbone: nn.Module, stem: Sequence[str], stages: Sequence[str
     if frozen_stages < 0:
         return
     for name in list(stem) + list(stages[:frozen_stages]):
-        module = backbone.get_submodule(name)
-        _freeze_norms(module)
-        for p in module.parameters():
+        parent, _, attr = name.rpartition(".")
+        owner = backbone.get_submodule(parent) if parent else backbone
+        setattr(owner, attr, _frozen_norms(getattr(owner, attr)))
+        for p in getattr(owner, attr).parameters():
             p.requires_grad_(False)
 
 
-def _freeze_norms(module: nn.Module) -> None:
-    """Replace every ``nn.BatchNorm2d`` under ``module`` (or ``module`` itself) by a frozen copy."""
+def _frozen_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm2d`` in it (or itself) replaced by a frozen copy."""
     from .models.mmdet_ops import FrozenParamBatchNorm2d
 
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenParamBatchNorm2d(module.num_features, module.eps)
+        frozen.load_state_dict({k: v for k, v in module.state_dict().items() if k != "num_batches_tracked"})
+        return frozen.to(module.weight.device)
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenParamBatchNorm2d(child.num_features, child.eps)
-            frozen.load_state_dict({k: v for k, v in child.state_dict().items() if k != "num_batches_tracked"})
-            setattr(module, name, frozen.to(child.weight.device))
-        else:
-            _freeze_norms(child)
+        setattr(module, name, _frozen_norms(child))
+    return module
 
 
 def set_trainable(backbone: nn.Module, norm: str, frozen_stages: int, stem: Sequence[str],

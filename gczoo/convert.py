@@ -270,7 +270,8 @@ def load_pretrained(model: nn.Module, arch: str, overlay: Optional[dict],
 
 
 def filter_fn(arch: str, tag: str, converter: str, source: str) -> Callable[[StateDict, nn.Module], StateDict]:
-    """timm ``pretrained_filter_fn`` applying ``converter`` and checking keys and shapes strictly."""
+    """timm ``pretrained_filter_fn`` applying ``converter`` and checking keys and shapes strictly (the class
+    layers of a model built for other classes are fitted first: :func:`gczoo.finetune.fit_classes`)."""
     if converter not in CONVERTERS:
         raise ValueError(f"{arch}.{tag}: unknown converter {converter!r} (known: {', '.join(sorted(CONVERTERS))})")
     convert = CONVERTERS[converter]

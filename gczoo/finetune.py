@@ -26,8 +26,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["NewClassesWarning", "NORM_MODES", "fit_classes", "init_layers", "normal_init",
-           "kaiming_fan_out_init", "xavier_uniform_init", "backbone_state_dict", "load_backbone", "set_trainable", "freeze_stages"]
+__all__ = ["NewClassesWarning", "NORM_MODES", "new_classes", "fit_classes", "init_layers", "normal_init",
+           "kaiming_fan_out_init", "xavier_uniform_init", "backbone_state_dict", "load_backbone", "set_trainable",
+           "freeze_stages"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -72,12 +73,12 @@ def xavier_uniform_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def init_layers(model: nn.Module, layers: Dict[str, Optional[Callable[[nn.Module], None]]]) -> None:
-    """Run ``init`` on every module of ``model`` whose name matches a pattern of ``layers``
-    (``{pattern: init}``; ``None`` keeps the module's own initialisation)."""
+def init_layers(model: nn.Module, layers: Dict[str, Callable[[nn.Module], None]]) -> None:
+    """Run ``init`` on every module of ``model`` whose name matches a pattern of ``layers`` (``{pattern: init}``,
+    the first matching pattern wins)."""
     for name, module in model.named_modules():
         for pattern, init in layers.items():
-            if init is not None and re.fullmatch(pattern, name):
+            if re.fullmatch(pattern, name):
                 init(module)
                 break
 

@@ -3,8 +3,8 @@ mmdetection's GCNet checkpoints.
 
 The models are :class:`torchvision.models.detection.MaskRCNN` (users keep torchvision's API:
 a list of float images in 0-1 in, a list of dicts with ``boxes``, ``labels``, ``scores``,
-``masks`` out) with a :class:`gczoo.models.gc_resnet.GCResNet` body (frozen BatchNorm unless
-built for training, see :func:`build`; optionally mmcv's deformable conv v1 in the 3x3 conv of c3-c5) and torchvision's FPN, whose P6
+``masks`` out) with a :class:`gczoo.models.gc_resnet.GCResNet` body (frozen BatchNorm by default;
+optionally mmcv's deformable conv v1 in the 3x3 conv of c3-c5) and torchvision's FPN, whose P6
 is a stride-2 max-pool of P5 (mmdetection's ``num_outs=5`` without extra convs). The cascade
 rows swap the RoI heads for :class:`gczoo.models.cascade.CascadeRoIHeads`. They run the
 published mmdetection 2.x checkpoints of GCNet (``mask_rcnn_*`` / ``cascade_mask_rcnn_*``,

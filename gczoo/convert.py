@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from . import finetune
 from .weights import WeightsError, load_checkpoint
 
 __all__ = ["CONVERTERS", "HEADLESS", "StateDictMismatchError", "filter_fn", "identity", "is_zoo_layout", "load_pretrained",
@@ -282,8 +283,9 @@ def load_pretrained(model: nn.Module, arch: str, overlay: Optional[dict],
 def filter_fn(arch: str, tag: Optional[str], converter: str, source: str) -> Callable[[StateDict, nn.Module], StateDict]:
     """timm ``pretrained_filter_fn`` applying ``converter`` and checking keys and shapes strictly.
 
-    A state dict already in the model's layout (:func:`is_zoo_layout`) is not converted. ``tag`` None: weights
-    of no manifest tag (a user's checkpoint)."""
+    A state dict already in the model's layout (:func:`is_zoo_layout`) is not converted; the class layers of
+    a model built for other classes are fitted before the check (:func:`gczoo.finetune.fit_classes`).
+    ``tag`` None: weights of no manifest tag (a user's checkpoint)."""
     label = f"{arch}.{tag}" if tag else arch
     if converter not in CONVERTERS:
         raise ValueError(f"{label}: unknown converter {converter!r} (known: {', '.join(sorted(CONVERTERS))})")
@@ -294,6 +296,7 @@ def filter_fn(arch: str, tag: Optional[str], converter: str, source: str) -> Cal
             converted, how = state_dict, "the zoo's layout"
         else:
             converted, how = convert(state_dict, model), f"converter {converter!r}"
+        converted = finetune.fit_classes(converted, model, label)
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "fc")
         _check(converted, model, classifier, f"Weights {label} from {source} ({how})", arch)
         return converted

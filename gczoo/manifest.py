@@ -174,6 +174,11 @@ def validate(data: Any, source: Union[str, Path] = "manifest") -> dict:
                                 f"({', '.join(model['weights']) or 'none'})")
             if tag is None and model["weights"]:
                 problems.append(f"models.{name}.default_tag: must name one of its weights ({', '.join(model['weights'])})")
+            for wtag, weights in model["weights"].items():
+                start = weights.get("imagenet_start")
+                if start and start["backbone"] not in data.get("backbones", {}):
+                    problems.append(f"models.{name}.weights.{wtag}.imagenet_start.backbone: {start['backbone']!r} "
+                                    "is not an entry of backbones")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -227,12 +227,18 @@ class GCResNet(nn.Module):
         drop_path_rate: stochastic depth, rising linearly from 0 at the first bottleneck to this
             rate at the last (timm's ResNet rule).
         drop_block_rate: DropBlock in c4 and c5 (timm's ResNet: block sizes 5 and 3).
+        zero_init_last: start each bottleneck's ``bn3`` scale at zero, as timm's ResNet (default
+            True); pretrained weights replace it.
         stem_feature: list the stem's output (``relu``, stride 2) as ``feature_info[0]`` before
             c2..c5, as timm's ResNet does; models built by timm (``timm.create_model``,
             :func:`gczoo.create_model`) have it, and ``features_only=True`` still gives c2..c5
             unless ``out_indices`` says otherwise. Off by default for bodies whose every
             ``feature_info`` entry feeds an FPN (the detection builder).
     """
+
+    #: Modules that depend on the classes (:mod:`gczoo.finetune`): timm's classifier, initialised as
+    #: timm's ResNet leaves it (``nn.Linear``'s default); timm drops it from a checkpoint of other classes.
+    class_layers = ("fc",)
 
     def __init__(self, layers: Sequence[int], groups: int = 1, base_width: int = 64, num_classes: int = 1000,
                  in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
@@ -241,7 +247,8 @@ class GCResNet(nn.Module):
                  stage_blocks: Optional[Dict[Union[int, str], str]] = None,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
                  conv2_layer: Callable[..., nn.Module] = nn.Conv2d, conv2_stages: Union[None, str, Sequence] = (),
-                 drop_path_rate: float = 0.0, drop_block_rate: float = 0.0, stem_feature: bool = False):
+                 drop_path_rate: float = 0.0, drop_block_rate: float = 0.0, stem_feature: bool = False,
+                 zero_init_last: bool = True):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers must give 4 stage depths, got {layers!r}")
@@ -294,19 +301,23 @@ class GCResNet(nn.Module):
         self.num_features = inplanes
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self._init_weights()
+        self._init_weights(zero_init_last)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_last: bool) -> None:
+        """timm's ResNet init: He normal (fan_out) convs, BatchNorm 1 / 0, and with ``zero_init_last``
+        each bottleneck's last BatchNorm scale at 0 (Goyal et al. 2017), so every residual branch
+        starts as the identity. Inserted blocks keep their own (identity) initialisation."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        # Context blocks keep their own initialisation, which makes each new block the identity.
         for m in self.modules():
             if isinstance(m, tuple(_STAGE_BLOCKS.values())):
                 m.reset_parameters()
+            elif zero_init_last and isinstance(m, Bottleneck) and getattr(m.bn3, "weight", None) is not None:
+                nn.init.zeros_(m.bn3.weight)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, str]:

@@ -28,13 +28,15 @@ A weights tag sets ``num_classes``, ``align_corners`` and the test mode from the
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import registry
+from .. import finetune, registry
+from ..finetune import kaiming_fan_out_init, normal_init
 from ..blocks import ContextBlock, NonLocalBlock
 from ..manifest import load_manifest
 from ..convert import load_pretrained
@@ -149,6 +151,18 @@ def sliding_windows(height: int, width: int, crop: Tuple[int, int], stride: Tupl
     return out
 
 
+#: mmsegmentation 1.2.2's initialisation of the heads, by module name: ``BaseDecodeHead``
+#: (``init_cfg=dict(type='Normal', std=0.01, override=dict(name='conv_seg'))``), mmcv's ``ConvModule``
+#: (``kaiming_init``: He normal, fan_out), mmcv's ``NonLocal2d.init_weights`` (``g``, ``theta``,
+#: ``phi`` normal std 0.01; the output norm at zero, as the zoo's block already is). Biases start at 0.
+MMSEG_HEAD_INIT = {
+    r"(aux_)?classifier\.conv_seg": normal_init(0.01),
+    r"(aux_)?classifier\.(convs\.\d+|conv_cat)\.0": kaiming_fan_out_init,
+    r"classifier\.nonlocal_block\.(g|theta|phi)": normal_init(0.01),
+    r"classifier\.nonlocal_block\.out_conv": kaiming_fan_out_init,
+}
+
+
 class SegmentationModel(nn.Module):
     """Dilated ResNet-V1c + GC/NL head (+ auxiliary FCN head), mmsegmentation's ``EncoderDecoder``.
 
@@ -160,7 +174,12 @@ class SegmentationModel(nn.Module):
         align_corners: of the final bilinear upsampling (the checkpoint's config decides).
         test_mode: ``"whole"`` or ``"slide"`` (eval mode only; training always runs whole).
         crop_size, stride: ``(h, w)`` of the sliding windows.
+
+    The heads start as mmsegmentation initialises them (:data:`MMSEG_HEAD_INIT`).
     """
+
+    #: Modules that depend on the classes (:mod:`gczoo.finetune`): both heads' 1x1 classifiers.
+    class_layers = (r"(aux_)?classifier\.conv_seg",)
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), head: str = "gc", num_classes: int = 19,
                  aux_loss: bool = False, align_corners: bool = False, test_mode: str = "whole",
@@ -178,6 +197,7 @@ class SegmentationModel(nn.Module):
         self.backbone = DilatedResNetV1c(layers)
         self.classifier = ContextHead(head, num_classes=num_classes)
         self.aux_classifier = FCNHead(1024, 256, num_classes) if aux_loss else None
+        finetune.init_layers(self, MMSEG_HEAD_INIT)
 
     def encode_decode(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Logits of both heads for one image or window, upsampled to its size."""
@@ -217,29 +237,54 @@ def dataset_classes(dataset: str) -> List[str]:
 
 
 def build(arch: str, pretrained: bool = False, *, pretrained_cfg: Any = None,
-          pretrained_cfg_overlay: Optional[dict] = None, pretrained_filter_fn=None, **kwargs: Any) -> SegmentationModel:
+          pretrained_cfg_overlay: Optional[dict] = None, pretrained_filter_fn=None,
+          pretrained_backbone: Union[bool, str, os.PathLike] = False, class_names: Optional[Sequence[str]] = None,
+          **kwargs: Any) -> SegmentationModel:
     """Build ``arch`` of the manifest's ``segmentation`` family (called by :mod:`gczoo.registry`).
 
     ``kwargs`` hold the manifest's ``arch`` arguments (``layers``, ``head``) and any
     :class:`SegmentationModel` argument; the weights tag (``pretrained_cfg``, default: the
     manifest's default tag) supplies ``num_classes`` and its test settings (``align_corners``,
-    ``test_mode``, ``crop_size``, ``stride``) unless given. With ``pretrained``, the state dict of
+    ``test_mode``, ``crop_size``, ``stride``) unless given. ``class_names`` (one per class, label
+    order) set ``num_classes`` and ``meta["classes"]``. With ``pretrained``, the state dict of
     ``pretrained_cfg_overlay["file"]`` (or ``["state_dict"]``) goes through ``pretrained_filter_fn``
-    (the converter, checking every key and shape) and is loaded strictly.
+    (the converter, checking every key and shape) and is loaded strictly; a model built for other
+    classes re-initialises both classifiers (:func:`gczoo.finetune.fit_classes`, one warning).
+
+    ``pretrained_backbone=True`` (or the path of a local copy of the file) starts the model as the
+    tag's mmsegmentation config did (its ``imagenet_start``): the ResNet-V1c ImageNet file it names
+    goes into ``backbone``; every norm trains (the configs' SyncBN; convert with
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for multi-GPU data parallel).
     """
     tag, entry = registry.weights_entry(arch, registry.pretrained_tag(pretrained_cfg))
     test = entry["segmentation"]
+    if class_names is not None:
+        kwargs.setdefault("num_classes", len(class_names))
+        if len(class_names) != kwargs["num_classes"]:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={kwargs['num_classes']}: "
+                             "give one name per class")
     kwargs.setdefault("num_classes", entry["pretrained_cfg"]["num_classes"])
     kwargs.setdefault("align_corners", test["align_corners"])
     kwargs.setdefault("test_mode", test["test_mode"])
     if test["test_mode"] == "slide":
         kwargs.setdefault("crop_size", test["crop_size"])
         kwargs.setdefault("stride", test["stride"])
+    if pretrained and pretrained_backbone:
+        raise ValueError(f"{arch}: pretrained=True loads the whole model; pretrained_backbone=True starts one from "
+                         "ImageNet weights. Pass one of them.")
     model = SegmentationModel(**kwargs)
-    model.pretrained_cfg = dict(entry["pretrained_cfg"], architecture=arch, tag=tag)
+    start = entry["imagenet_start"]
+    model.pretrained_cfg = dict(entry["pretrained_cfg"], architecture=arch, tag=tag, imagenet_start=start)
     same_classes = model.num_classes == entry["pretrained_cfg"]["num_classes"]
-    model.meta = {"dataset": test["dataset"], "classes": dataset_classes(test["dataset"]) if same_classes else None,
+    classes = list(class_names) if class_names is not None else dataset_classes(test["dataset"]) if same_classes else None
+    model.meta = {"dataset": test["dataset"], "classes": classes,
                   "test_scale": tuple(test["test_scale"]), "keep_ratio": test["keep_ratio"]}
+    if pretrained_backbone:
+        file = None if pretrained_backbone is True else os.fspath(pretrained_backbone)
+        finetune.load_backbone(model.backbone, finetune.backbone_state_dict(start["backbone"], file),
+                               f"ImageNet backbone {start['backbone']} for {arch}.{tag}")
+        finetune.freeze_stages(model.backbone, ("stem",), ("layer1", "layer2", "layer3", "layer4"),
+                               start["frozen_stages"])
     if pretrained:
         load_pretrained(model, arch, pretrained_cfg_overlay, pretrained_filter_fn)
     return model

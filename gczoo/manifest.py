@@ -174,6 +174,9 @@ def validate(data: Any, source: Union[str, Path] = "manifest") -> dict:
                                 f"({', '.join(model['weights']) or 'none'})")
             if tag is None and model["weights"]:
                 problems.append(f"models.{name}.default_tag: must name one of its weights ({', '.join(model['weights'])})")
+            for wtag, weights in model["weights"].items():
+                if "recipe" in weights and weights["recipe"] not in data.get("recipes", {}):
+                    problems.append(f"models.{name}.weights.{wtag}.recipe: {weights['recipe']!r} is not a key of recipes")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

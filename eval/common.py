@@ -40,6 +40,7 @@ import gczoo
 from gczoo.fileio import atomic_path
 from gczoo.convert import StateDictMismatchError, filter_fn
 from gczoo.manifest import ManifestError, load_manifest, metric_numbers
+from gczoo.trained import build_args_of
 from gczoo.registry import UnknownModelError, create_model, model_entry, split_name, weights_entry
 from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, load_checkpoint, sha256_of, verify_file
 
@@ -292,6 +293,7 @@ def load_model(name: str, device: torch.device, *, checkpoint: Optional[Path] = 
 
 
 def _from_checkpoint(name: str, arch: str, tag: Optional[str], path: Path, **kwargs: Any) -> torch.nn.Module:
+    kwargs = {**build_args_of(path), **kwargs}  # weights trained by train/*.py: their classes
     if tag:  # the tag's converter, as for downloaded weights
         return create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     model = create_model(arch, **kwargs)

@@ -146,6 +146,7 @@ def main(run: Callable[[argparse.Namespace, Distributed], int], parser: argparse
     try:
         check_args(args)
         dist = Distributed.setup(args.device)
+        torch.manual_seed(derived_seed(args.seed))  # the model's initialisation
         return run(args, dist)
     except eval_common.BAD_INPUT_ERRORS as err:
         print(f"error: {eval_common.error_message(err)}", file=sys.stderr, flush=True)
@@ -334,9 +335,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        cause = next((e for e in (err, err.__context__) if isinstance(e, OSError)), err)
         raise CheckpointWriteError(
-            f"could not write the checkpoint of iteration {state['iteration']} to {path} ({err.strerror or err}); "
+            f"could not write the checkpoint of iteration {state['iteration']} to {path} "
+            f"({getattr(cause, 'strerror', None) or cause}); "
             f"nothing was overwritten: {_previous(path)}. Free space (or raise the file size limit) and continue "
             f"with --resume {path}.") from None
 

@@ -287,6 +287,7 @@ def file_list_digest(paths: Sequence[Path], root: Path) -> str:
 class Job:
     """What a script hands to :func:`train`.
 
+    ``collate`` returns the batch, or a message naming the unusable sample in it;
     ``step(model, batch)`` returns the named losses of one batch (``model`` may be DDP-wrapped);
     ``evaluate(model)`` the val metrics of the bare model in eval mode (or ``{}`` without a val
     split); ``build_args`` the ``create_model`` arguments the weights need (stored with them);
@@ -431,6 +432,7 @@ def train(job: Job, args: argparse.Namespace, dist: Distributed) -> int:
     metrics: Dict[str, Any] = {}
     t0 = time.perf_counter()
     for it, batch in zip(range(start + 1, stop + 1), loader):
+        _check_batch(batch, dist, it, checkpoint_path, last_good)
         lr = schedule.lr(it - 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -495,6 +497,20 @@ def _evaluate(job: Job, model: nn.Module, log: RunLog, it: int) -> Dict[str, Any
     if metrics:
         log.write(event="eval", iteration=it, **metrics)
     return metrics
+
+
+def _check_batch(batch: Any, dist: Distributed, it: int, checkpoint: Path, last_good: Optional[int]) -> None:
+    """A collate function returns a message instead of a batch when a sample is unusable; every
+    rank stops together (no rank waits for the others in a collective)."""
+    problem = batch if isinstance(batch, str) else ""
+    if dist.world_size > 1:
+        flag = torch.tensor([1.0 if problem else 0.0], device=dist.device)
+        torch_dist.all_reduce(flag)
+        if flag.item() and not problem:
+            problem = "another process stopped on an unusable sample (its message names it)"
+    if problem:
+        kept = f"{checkpoint} (iteration {last_good}) is intact" if last_good is not None else "no checkpoint was written"
+        raise BadInput(f"{problem} (iteration {it}); {kept}.")
 
 
 def _stop_non_finite(log: RunLog, bar: tqdm, it: int, what: str, checkpoint: Path, last_good: Optional[int]) -> None:

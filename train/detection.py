@@ -139,8 +139,6 @@ def collate(batch):
 
 def make_step(device: torch.device):
     def step(model, batch) -> Dict[str, torch.Tensor]:
-        if isinstance(batch, str):
-            raise BadInput(batch)
         images, targets = batch
         return model([i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
     return step

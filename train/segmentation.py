@@ -78,8 +78,6 @@ def collate(batch):
 def make_step(crop_size, mean: torch.Tensor, std: torch.Tensor, aux_weight: float, device: torch.device):
     """Normalise, pad to the crop size (image 0 after normalisation, label 255), mmseg's losses."""
     def step(model, batch) -> Dict[str, torch.Tensor]:
-        if isinstance(batch, str):
-            raise BadInput(batch)
         images, labels = batch
         height, width = max(crop_size[0], *(i.shape[1] for i in images)), max(crop_size[1], *(i.shape[2] for i in images))
         x = torch.zeros(len(images), 3, height, width, device=device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch

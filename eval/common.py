@@ -40,8 +40,8 @@ import gczoo
 from gczoo.fileio import atomic_path
 from gczoo.convert import StateDictMismatchError, filter_fn
 from gczoo.manifest import ManifestError, load_manifest, metric_numbers
-from gczoo.trained import build_args_of
 from gczoo.registry import UnknownModelError, create_model, model_entry, split_name, weights_entry
+from gczoo.trained import build_args_of
 from gczoo.weights import WeightsError, WeightsUnavailableError, fetch, load_checkpoint, sha256_of, verify_file
 
 __all__ = [

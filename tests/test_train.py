@@ -195,3 +195,23 @@ def test_segmentation_label_outside_the_classes(shapes, tmp_path):
     done = run("train/segmentation.py", "--data", data, *SEG_MODEL, *FAST, "--iterations", 2, "--out", tmp_path / "o")
     assert done.returncode == 2 and "holds label 7, outside the 4 classes" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_recipes_are_checked_and_scaled_by_the_linear_rule():
+    import argparse
+
+    from gczoo.manifest import ManifestError, load_manifest, validate
+    from train import common
+
+    manifest = json.loads((ROOT / "weights_manifest.json").read_text())
+    manifest["models"]["gcnet_resnet50_d8"]["weights"]["mmseg_cityscapes_512x1024_40k"]["recipe"] = "nope"
+    with pytest.raises(ManifestError, match="recipe: 'nope' is not a key of recipes"):
+        validate(manifest)
+    recipes = load_manifest()["recipes"]
+    plain = argparse.Namespace(iterations=None, lr=None, warmup=None)
+    seg = common.scaled_schedule(recipes["mmseg_cityscapes_512x1024_40k"], 2, 100, plain)  # recipe: 8 images
+    assert (seg.base_lr, seg.total, seg.min_lr) == (pytest.approx(0.0025), 160000, pytest.approx(2.5e-5))
+    det = common.scaled_schedule(recipes["mmdet_maskrcnn_1x"], 4, 200, plain)  # recipe: 16 images, 12 epochs
+    assert (det.base_lr, det.total, det.warmup, list(det.milestones)) == (pytest.approx(0.005), 2400, 2000, [1600, 2200])
+    assert det.lr(0) == pytest.approx(0.005 * 0.001) and det.lr(1000) == pytest.approx(0.005 * (0.001 + 0.999 / 2))
+    assert det.lr(2000) == pytest.approx(0.0005) and det.lr(2200) == pytest.approx(0.00005)

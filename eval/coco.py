@@ -264,17 +264,24 @@ class CocoImages(Dataset):
 
     def __getitem__(self, i: int):
         index = self.indices[i]
-        info = self.coco.imgs[self.ids[index]]
-        path = self.folder / info["file_name"]
-        try:  # pixels as stored: no EXIF rotation, the frame the annotations use
-            with Image.open(path) as pil:
-                image = pil_to_tensor(pil.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            return torch.zeros(3, 1, 1), index, f"{path}: {err}"
-        if tuple(image.shape[1:]) != (info["height"], info["width"]):
-            return torch.zeros(3, 1, 1), index, (f"{path} is {image.shape[2]}x{image.shape[1]}, the annotations say "
-                                                 f"{info['width']}x{info['height']}")
-        return image.float() / 255, index, ""
+        try:
+            return read_image(self.folder, self.coco.imgs[self.ids[index]]), index, ""
+        except BadInput as err:
+            return torch.zeros(3, 1, 1), index, str(err)
+
+
+def read_image(folder: Path, info: dict) -> torch.Tensor:
+    """The image of annotation entry ``info``, float RGB in 0-1; :class:`BadInput` naming the file
+    when it cannot be decoded or its size is not the annotated one."""
+    path = folder / info["file_name"]
+    try:  # pixels as stored: no EXIF rotation, the frame the annotations use
+        with Image.open(path) as pil:
+            image = pil_to_tensor(pil.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BadInput(f"{path}: {err}") from None
+    if tuple(image.shape[1:]) != (info["height"], info["width"]):
+        raise BadInput(f"{path} is {image.shape[2]}x{image.shape[1]}, the annotations say {info['width']}x{info['height']}")
+    return image.float() / 255
 
 
 def _collate(batch):

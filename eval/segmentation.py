@@ -158,6 +158,24 @@ def to_train_ids(label: np.ndarray, kind: str, num_classes: int, path: Path) -> 
     return label
 
 
+def read_sample(sample: Sample, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(image uint8 (H, W, 3), label uint8 (H, W) of class indices or IGNORE)``; :class:`BadInput`
+    naming the file when it cannot be decoded, is not a label map, or holds values outside the classes."""
+    try:
+        with Image.open(sample.image) as pil:
+            image = np.asarray(pil.convert("RGB"))
+        with Image.open(sample.label) as pil:
+            if pil.mode not in ("L", "P"):
+                raise BadInput(f"{sample.label} is a {pil.mode} image; a label map is single-channel (L or P)")
+            label = np.asarray(pil)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BadInput(f"cannot read {sample.image} / {sample.label}: {err}") from None
+    if label.shape != image.shape[:2]:
+        raise BadInput(f"label map {sample.label} is {label.shape[1]}x{label.shape[0]}, its image "
+                       f"{sample.image} is {image.shape[1]}x{image.shape[0]}")
+    return image, to_train_ids(label, sample.label_kind, num_classes, sample.label)
+
+
 class SegmentationSamples(Dataset):
     """``(image uint8 (3, H, W), label (H, W) int64, index, error)``; an unusable file yields its error."""
 
@@ -169,24 +187,10 @@ class SegmentationSamples(Dataset):
 
     def __getitem__(self, i: int):
         index = self.indices[i]
-        sample = self.samples[index]
-        empty = torch.zeros(3, 1, 1, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.int64), index
         try:
-            with Image.open(sample.image) as pil:
-                image = np.asarray(pil.convert("RGB"))
-            with Image.open(sample.label) as pil:
-                if pil.mode not in ("L", "P"):
-                    return (*empty, f"{sample.label} is a {pil.mode} image; a label map is single-channel (L or P)")
-                label = np.asarray(pil)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            return (*empty, f"cannot read {sample.image} / {sample.label}: {err}")
-        if label.shape != image.shape[:2]:
-            return (*empty, f"label map {sample.label} is {label.shape[1]}x{label.shape[0]}, its image "
-                            f"{sample.image} is {image.shape[1]}x{image.shape[0]}")
-        try:
-            label = to_train_ids(label, sample.label_kind, self.num_classes, sample.label)
+            image, label = read_sample(self.samples[index], self.num_classes)
         except BadInput as err:
-            return (*empty, str(err))
+            return torch.zeros(3, 1, 1, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.int64), index, str(err)
         return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(label.astype(np.int64)), index, ""
 
 

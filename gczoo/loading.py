@@ -32,8 +32,10 @@ def model_from_file(name: str, path: Path, **kwargs: Any) -> Tuple["nn.Module", 
     strictly either way (:func:`gczoo.convert.filter_fn`). ``how`` says which layout the file had."""
     from .convert import filter_fn, is_zoo_layout
     from .registry import create_model, model_entry, split_name
+    from .trained import build_args_of
     from .weights import load_checkpoint
 
+    kwargs = {**build_args_of(path), **kwargs}  # weights trained by train/*.py: the classes they were trained for
     arch, tag = split_name(name)
     tag = tag or model_entry(arch)["default_tag"]
     state_dict = load_checkpoint(path, f"{arch} checkpoint")

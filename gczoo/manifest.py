@@ -179,6 +179,8 @@ def validate(data: Any, source: Union[str, Path] = "manifest") -> dict:
                 if start and start["backbone"] not in data.get("backbones", {}):
                     problems.append(f"models.{name}.weights.{wtag}.imagenet_start.backbone: {start['backbone']!r} "
                                     "is not an entry of backbones")
+                if "recipe" in weights and weights["recipe"] not in data.get("recipes", {}):
+                    problems.append(f"models.{name}.weights.{wtag}.recipe: {weights['recipe']!r} is not a key of recipes")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -186,12 +186,13 @@ def _overlay_weights_file(arch: str, tag: str, entry: dict, kwargs: dict) -> Tup
     :func:`gczoo.weights.fetch` downloads and verifies the tag's weights. Returns the overlay
     and the converter to apply: the entry's, or that of the source which delivered the file.
     """
-    from . import weights
+    from . import trained, weights
 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     converter = entry["converter"]
     if overlay.get("file") and not overlay.get("state_dict"):
         overlay["state_dict"] = weights.load_checkpoint(overlay["file"], f"{arch}.{tag}")
+        converter = trained.converter_of(overlay["file"]) or converter  # a zoo-layout file says so
     elif not overlay.get("state_dict"):
         path, source = weights.fetch_with_source(arch, tag, entry)
         overlay["file"], converter = str(path), source.get("converter", converter)

@@ -1,0 +1,50 @@
+"""Weights files the zoo writes itself (``train/*.py``, ``gczoo publish``): safetensors in the
+model's own layout whose metadata says how to load them.
+
+``gczoo_converter`` names the converter that maps the file onto the model (``identity``: the
+full state dict; :data:`gczoo.hosted.CONVERTER_KEY`); ``gczoo_build_args`` holds, as JSON, the
+``create_model`` arguments the weights need beyond the tag's (``num_classes``, ``label_ids``,
+...), so ``eval/*.py --checkpoint`` rebuilds the model the file was trained as.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+from safetensors import safe_open
+
+from .hosted import CONVERTER_KEY
+
+__all__ = ["BUILD_ARGS_KEY", "metadata_of", "converter_of", "build_args_of"]
+
+BUILD_ARGS_KEY = "gczoo_build_args"
+
+
+def metadata_of(path: os.PathLike) -> Dict[str, str]:
+    """The safetensors metadata of ``path`` (empty for another format or an unreadable header)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # an unreadable file is reported by the loader that reads its tensors
+        return {}
+
+
+def converter_of(path: os.PathLike) -> Optional[str]:
+    """The converter a zoo-written file declares, or ``None`` (an upstream file: the tag's converter)."""
+    return metadata_of(path).get(CONVERTER_KEY)
+
+
+def build_args_of(path: os.PathLike) -> dict:
+    """The ``create_model`` arguments stored with trained weights (``{}`` when none)."""
+    text = metadata_of(path).get(BUILD_ARGS_KEY)
+    if not text:
+        return {}
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return args if isinstance(args, dict) else {}

@@ -9,6 +9,7 @@
                                       when a second source or the maintainer confirms it
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
 ``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
+``gczoo export NAME[.TAG] --format F --out FILE`` ONNX / TorchScript / torch.export file, checked (gczoo.export)
 
 Exit codes: 0 success, 1 a check failed, 2 bad input or unavailable weights. Each subcommand is a
 ``_name(args) -> exit code`` function and its parser lines in :func:`_parser`; modules are imported
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .export import add_parser as _add_export_parser
 from .fileio import atomic_path
 
 __all__ = ["main"]
@@ -458,6 +460,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="weights file (.safetensors or .pth): the zoo's layout, or the "
                    "upstream layout of the model's weights tag (converted)")
     p.set_defaults(func=_analyze)
+    _add_export_parser(sub)
     return parser
 
 

@@ -84,12 +84,13 @@ def deployable(model, fmt: str):
     return DetectorNetwork(model), "DetectorNetwork (resized image -> boxes, labels, scores, mask probabilities)"
 
 
-def sample_inputs(model, size: Optional[Tuple[int, int]] = None, seed: int = 0):
-    """``(example, fresh)``: two different inputs the model takes (``fresh`` only checks the file).
+def sample_inputs(model, size: Optional[Tuple[int, int]] = None, fmt: Optional[str] = None, seed: int = 0):
+    """``(example, fresh)``: two different random inputs the model takes (``fresh`` only checks the file).
 
     Classifiers and segmentation: batches of 2 at ``size`` (default: the model's input size);
-    video: 2 clips of the model's frames; detectors: two random 0-1 pictures of ``size`` (default
-    480x640), ``fresh`` 32 px smaller each way, resized as the detector does (:meth:`DetectorNetwork.preprocess`).
+    video: 2 clips of the model's frames; detectors: two 0-1 pictures of ``size`` (default 480x640),
+    resized as the detector does (:meth:`DetectorNetwork.preprocess`), ``fresh`` 32 px smaller each
+    way except for ``fmt="exported"`` (its program has the example's static size).
     """
     import torch
 
@@ -100,7 +101,8 @@ def sample_inputs(model, size: Optional[Tuple[int, int]] = None, seed: int = 0):
     if family == "detection":
         h, w = size or (480, 640)
         net = DetectorNetwork(model)
-        return tuple(net.preprocess(torch.rand(3, h - d, w - d, generator=g)) for d in (0, 32))
+        return tuple(net.preprocess(torch.rand(3, h - d, w - d, generator=g))
+                     for d in (0, 0 if fmt == "exported" else 32))
     shape = list(model.pretrained_cfg["input_size"])
     if size is not None:
         shape[-2:] = size
@@ -201,7 +203,7 @@ def _check(run, uses: dict, module, example, fresh, what: str) -> Tuple[float, f
     if changes(expected, previous) and not changes(got, got_previous):
         raise ExportCheckError(f"{what} gives the same outputs for two different inputs, where the eager model "
                                "does not: the graph ignores its input")
-    worst, atol = 0.0, 0.0
+    worst, atol, compared = 0.0, 0.0, 0
     for i, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape:
             raise ExportCheckError(f"{what}: output {i} has shape {tuple(g.shape)} on a fresh input, the eager "
@@ -212,12 +214,16 @@ def _check(run, uses: dict, module, example, fresh, what: str) -> Tuple[float, f
             continue
         if not e.numel():
             continue
+        compared += 1
         tol = ATOL_FRACTION * max(1.0, e.abs().max().item())
         diff = (g.to(e.dtype) - e).abs()
         worst, atol = max(worst, diff.max().item()), max(atol, tol)
         if (diff > tol + RTOL * e.abs()).any():
             raise ExportCheckError(f"{what}: output {i} differs from the eager model's on a fresh input by up to "
                                    f"{diff.max().item():.3g} (tolerance {tol:.3g} + {RTOL:g} * |value|)")
+    if not compared:
+        raise ExportCheckError(f"{what}: the eager model's outputs on the fresh input are empty (e.g. no "
+                               "detections), so the check has nothing to compare")
     return worst, atol, len(expected)
 
 
@@ -234,7 +240,7 @@ def export_model(model, fmt: str, path, example=None, fresh=None) -> ExportRepor
     family = family_of(model)
     module, description = deployable(model.eval(), fmt)
     if example is None or fresh is None:
-        example, fresh = sample_inputs(model)
+        example, fresh = sample_inputs(model, fmt=fmt)
     what = f"the {fmt} file of {description}"
     with atomic_path(path) as tmp:
         _write(module, fmt, family, example, tmp)
@@ -262,16 +268,24 @@ def add_parser(subparsers) -> None:
 
 
 def _build(name: str, weights_file: Optional[Path], kwargs: dict):
-    """``(model, note)``: the model with the tag's weights when they can be had, else random weights."""
+    """``(model, note)``: the model with the tag's weights when they can be had, else random weights.
+
+    A detector with random weights keeps every score (``box_score_thresh=0``): it would detect
+    nothing, leaving the check nothing to compare.
+    """
     from . import weights
     from .registry import check_name, create_model, model_entry
 
     arch, tag = check_name(name)
     tag = tag or model_entry(arch)["default_tag"]
+    random_kwargs, random_note = dict(kwargs), "random initialisation"
+    if model_entry(arch)["family"] == "maskrcnn":
+        random_kwargs["box_score_thresh"] = 0.0
+        random_note += " (box_score_thresh=0, so that the check has detections to compare)"
     if tag is None:
         if weights_file:
             raise ValueError(f"{arch} has no weights in the zoo, so --weights-file cannot be checked against it")
-        return create_model(arch, **kwargs), f"{arch}: no weights in the zoo, random initialisation"
+        return create_model(arch, **random_kwargs), f"{arch}: no weights in the zoo, {random_note}"
     full = f"{arch}.{tag}"
     if weights_file:
         weights.verify_file(arch, tag, model_entry(arch)["weights"][tag], weights_file)
@@ -280,8 +294,8 @@ def _build(name: str, weights_file: Optional[Path], kwargs: dict):
     try:
         return create_model(full, pretrained=True, **kwargs), f"{full}: pretrained weights"
     except weights.WeightsUnavailableError as err:
-        return create_model(full, **kwargs), (f"{full}: NOTE weights unavailable ({err.summary()}); exporting random "
-                                              "weights (pass --weights-file FILE for the real ones)")
+        return create_model(full, **random_kwargs), (f"{full}: NOTE weights unavailable ({err.summary()}); exporting "
+                                                     f"{random_note} (pass --weights-file FILE for the real weights)")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -292,7 +306,7 @@ def command(args: argparse.Namespace) -> int:
     model, note = _build(args.name, args.weights_file, kwargs)
     print(note)
     try:
-        example, fresh = sample_inputs(model.eval(), tuple(args.size) if args.size else None)
+        example, fresh = sample_inputs(model.eval(), tuple(args.size) if args.size else None, args.format)
         report = export_model(model, args.format, args.out, example, fresh)
     except ExportError as err:
         print(f"gczoo export: {type(err).__name__}: {err}", file=sys.stderr)

@@ -125,6 +125,8 @@ def test_export_reload_and_compare_on_a_fresh_input(request, tmp_path, family, f
     path = tmp_path / f"model.{fmt}"
     report = export_model(model, fmt, path, example, fresh)
     assert path.is_file() and report.max_abs_diff <= report.atol
+    print(f"\n{family} {fmt}: {report.outputs} outputs, max |diff| {report.max_abs_diff:.2g}, "
+          f"tolerance {report.atol:.2g} + {report.rtol:g} |value|")  # the README's table (pytest -s)
     if family == "detector" and fmt != "exported":
         assert example.shape != fresh.shape  # the image size is an input of the graph, not a constant
 
@@ -153,6 +155,11 @@ def test_detector_itself_refuses_every_graph_path(detector, tmp_path):
     assert not path.exists()
     with pytest.raises(UnsupportedExportError, match="DetectorNetwork"):
         torch.export.export(detector, ([image],))
+    # an example already at the resized size, which the resize returns unchanged, is no way around it
+    resized = DetectorNetwork(detector).preprocess(image)
+    with pytest.raises(UnsupportedExportError, match="DetectorNetwork"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(detector, ([resized],), check_trace=False)
     with pytest.raises(UnsupportedExportError, match="torch.jit.trace\\(DetectorNetwork"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.script(detector)

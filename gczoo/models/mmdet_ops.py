@@ -226,9 +226,7 @@ def resize_image(image: Tensor, size: Tuple[int, int]) -> Tensor:
     ``align_corners=False``), which differs by up to one grey level per pixel and, on one
     480x640 image, moved 3 of 17 detections (the model card says so).
     """
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    if torch.jit.is_tracing() or _is_exporting():
+    if torch.jit.is_tracing() or _is_exporting():  # first: a trace would keep even the size test as a constant
         from ..export import UnsupportedExportError
 
         raise UnsupportedExportError(
@@ -236,6 +234,8 @@ def resize_image(image: Tensor, size: Tuple[int, int]) -> Tensor:
             "example image as a constant. Export the network on the resized image instead: "
             "gczoo.export.export_model(model, 'onnx' | 'torchscript' | 'exported', path) or `gczoo export NAME "
             "--format ...`, with gczoo.models.detection.DetectorNetwork for the pre- and post-processing.")
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
     if cv2 is None:
         warnings.warn("OpenCV is not installed: images are resized in float, which differs from mmdetection's 8-bit "
                       "OpenCV resize by up to one grey level and moves a few detections; "

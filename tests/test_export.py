@@ -232,3 +232,12 @@ def test_cli_export_writes_a_checked_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "random initialisation" in result.stdout and "tolerance" in result.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["snl.pt"]  # no temporary file left
+
+
+def test_cascade_onnx_and_torchscript_refused_with_the_path_that_works(tmp_path):
+    from gczoo.export import deployable
+
+    model = gczoo.create_model("cascade_maskrcnn_resnext101_32x4d_fpn_gc_r16", layers=[1, 1, 1, 1])
+    for fmt in ("onnx", "torchscript"):
+        with pytest.raises(UnsupportedExportError, match="--format exported"):
+            deployable(model, fmt)

@@ -67,7 +67,9 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
     ``(B, C, Np)`` view for NCHW input, the contiguous ``(B, Np, C)`` view for channels_last
     and under torch.compile on CPU (where the logits become a single matrix-vector product).
     The softmax runs in fp32 (fp64 for fp64 input) whatever the input dtype, also under autocast. When gradients are
-    recorded, :class:`_AttentionPool`'s hand-written backward replaces autograd's.
+    recorded, :class:`_AttentionPool`'s hand-written backward replaces autograd's; not under
+    ``torch.jit.trace``, whose graph records the forward ops (the same values), so that a trace
+    with gradients on equals its check run without them.
     """
     x = x.flatten(3)  # 5-D video features as (B, C, T, H*W); a 4-D x is returned as is
     b, c = x.shape[:2]
@@ -77,7 +79,7 @@ def attention_pool(x: torch.Tensor, mask_weight: torch.Tensor, mask_bias: Option
         rows_last = rows_last or _compiling_for_cpu_kernels()
     # (B, Np, C) for channels_last, (B, C, Np) for NCHW: both views
     flat = x.permute(0, 2, 3, 1).reshape(b, -1, c) if rows_last else x.flatten(2)
-    if not torch.jit.is_scripting() and torch.is_grad_enabled():
+    if not torch.jit.is_scripting() and torch.is_grad_enabled() and not torch.jit.is_tracing():
         return _attention_pool_recorded(flat, key, mask_bias, rows_last)
     return _pool(flat, _attention_weights(flat, key, mask_bias, rows_last), rows_last)
 
@@ -357,7 +359,9 @@ class SimplifiedNonLocalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = attention_pool(x, self.conv_mask.weight, self.conv_mask.bias)
         b, c = context.shape
-        delta = F.linear(context, self.transform.weight.reshape(c, c), self.transform.bias)
+        # the weight's shape from the module, not from context: FX quantization traces a weight's
+        # producers alone, without the input attention_pool needs
+        delta = F.linear(context, self.transform.weight.flatten(1), self.transform.bias)
         return _like_input(x.flatten(3) + delta.reshape(b, c, 1, 1), x)
 
 

@@ -9,6 +9,7 @@
                                       when a second source or the maintainer confirms it
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
 ``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
+``gczoo export NAME[.TAG] --format F --out FILE`` ONNX / TorchScript / torch.export file, checked (gczoo.export)
 
 ``demo`` and ``analyze`` obtain weights by the rule of :mod:`gczoo.loading` (``--checkpoint``, ``--weights-file``,
 the tag's download, else seeded random weights, said so). Input files are checked before any download.
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import __version__
+from .export import add_parser as _add_export_parser
 from .fileio import atomic_path, read_image
 
 __all__ = ["main"]
@@ -524,6 +526,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the table (.md, .json) and figure (.png)")
     _weights_flags(p)
     p.set_defaults(func=_analyze)
+    _add_export_parser(sub)
     return parser
 
 

@@ -8,7 +8,15 @@ and one without in c3), since export traces the same code per block whatever the
 ONNX checks need ``onnxruntime`` (to run the file) and, for torch.onnx's default exporter,
 ``onnxscript``; they are not dependencies of gczoo, and the tests skip with that reason when
 they are absent (``pip install onnx onnxscript onnxruntime``).
+
+Below: :func:`gczoo.export.export_model` for every family and the formats it deploys to (the
+detector as its :class:`~gczoo.models.detection.DetectorNetwork` split), the paths that must
+refuse with a named error instead of writing a graph that ignores its input, tracing with
+gradients on, FX quantization of the SNL row, and ``gczoo export`` in a fresh process.
 """
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -17,6 +25,8 @@ from test_speed_equivalence import close, randomize
 from torch.export import Dim
 
 import gczoo
+from gczoo.export import ExportCheckError, UnsupportedExportError, export_model, sample_inputs
+from gczoo.models.detection import DetectorNetwork
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +73,171 @@ def test_onnx_export_matches_eager(model, tmp_path, exporter):
             expected = model(x)
             torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4,
                                        atol=1e-4 * expected.abs().max().item())
+
+
+# --------------------------------------------------------------------------- every family, every format
+# gczoo.export writes each file, reloads it (onnxruntime, torch.jit.load, torch.export.load) and compares
+# it with eager on a fresh input, different from the example it was exported with; ExportCheckError otherwise.
+
+
+@pytest.fixture(scope="module")
+def snl():
+    return randomize(gczoo.create_model("resnet50_snl_c4", layers=[1, 1, 1, 1])).eval()
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return randomize(gczoo.create_model("gcnet_resnet50_d8", layers=[1, 1, 1, 1])).eval()
+
+
+@pytest.fixture(scope="module")
+def video():
+    model = randomize(gczoo.create_model("slowonly_resnet50_gc5", layers=[1, 2, 2, 1])).eval()
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 2, 32, 32))  # a tiny clip
+    return model
+
+
+@pytest.fixture(scope="module")
+def detector():
+    """Random weights, every score kept (box_score_thresh 0) so that there are detections to compare."""
+    return randomize(gczoo.create_model(
+        "maskrcnn_resnet50_fpn_gc_r16", layers=[1, 1, 1, 1], min_size=128, max_size=213, box_score_thresh=0.0,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_detections_per_img=10)).eval()
+
+
+def _needs(fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="running the ONNX file needs onnxruntime (the test extra)")
+
+
+@pytest.mark.parametrize("family, fmt", [
+    ("classifier", "torchscript"), ("classifier", "onnx"), ("classifier", "exported"),
+    ("segmenter", "torchscript"), ("segmenter", "onnx"), ("segmenter", "exported"),
+    ("video", "onnx"), ("video", "exported"),
+    ("detector", "torchscript"), ("detector", "onnx"), ("detector", "exported"),
+])
+def test_export_reload_and_compare_on_a_fresh_input(request, tmp_path, family, fmt):
+    _needs(fmt)
+    model = request.getfixturevalue({"classifier": "snl"}.get(family, family))
+    size = {"classifier": (32, 32), "segmenter": (32, 64), "detector": (150, 200)}.get(family)
+    example, fresh = sample_inputs(model, size, fmt)
+    assert not torch.equal(example, fresh) if example.shape == fresh.shape else True
+    path = tmp_path / f"model.{fmt}"
+    report = export_model(model, fmt, path, example, fresh)
+    assert path.is_file() and report.max_abs_diff <= report.atol
+    print(f"\n{family} {fmt}: {report.outputs} outputs, max |diff| {report.max_abs_diff:.2g}, "
+          f"tolerance {report.atol:.2g} + {report.rtol:g} |value|")  # the README's table (pytest -s)
+    if family == "detector" and fmt != "exported":
+        assert example.shape != fresh.shape  # the image size is an input of the graph, not a constant
+
+
+def test_detector_split_gives_the_detectors_own_output(detector):
+    """preprocess (OpenCV, eager) -> the graph's network -> postprocess equals model([image]) exactly."""
+    image = torch.rand(3, 150, 200, generator=torch.Generator().manual_seed(3))
+    net = DetectorNetwork(detector)
+    resized = net.preprocess(image)
+    with torch.no_grad():
+        split = net.postprocess(net(resized), resized.shape[-2:], image.shape[-2:])
+        whole = detector([image])[0]
+    assert split.keys() == whole.keys() and len(whole["boxes"])
+    for key in whole:
+        assert torch.equal(split[key], whole[key]), key
+
+
+def test_detector_itself_refuses_every_graph_path(detector, tmp_path):
+    """The OpenCV resize would make the image a constant (an ONNX file with zero inputs): each path
+    that would record it raises UnsupportedExportError naming the one that works, and writes nothing."""
+    image = torch.rand(3, 150, 200)
+    path = tmp_path / "detector.onnx"
+    with pytest.raises(UnsupportedExportError, match="DetectorNetwork"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(detector, ([image],), str(path), dynamo=False)
+    assert not path.exists()
+    with pytest.raises(UnsupportedExportError, match="DetectorNetwork"):
+        torch.export.export(detector, ([image],))
+    # an example already at the resized size, which the resize returns unchanged, is no way around it
+    resized = DetectorNetwork(detector).preprocess(image)
+    with pytest.raises(UnsupportedExportError, match="DetectorNetwork"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(detector, ([resized],), check_trace=False)
+    with pytest.raises(UnsupportedExportError, match="torch.jit.trace\\(DetectorNetwork"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(detector)
+
+
+class _IgnoresItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.weight * 2
+
+
+@pytest.mark.parametrize("fmt", ("onnx", "torchscript", "exported"))
+def test_a_graph_that_ignores_its_input_is_an_error_and_not_kept(tmp_path, fmt):
+    _needs(fmt)
+    path = tmp_path / f"constant.{fmt}"
+    with pytest.raises(ExportCheckError, match="input"):
+        export_model(_IgnoresItsInput(), fmt, path, torch.randn(2, 3), torch.randn(2, 3))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ("resnet50_gc_r16", "resnet50_snl_c4"))
+def test_gc_and_snl_trace_with_gradients_on(name):
+    """The trace checker re-runs without gradients; the pooling's custom-autograd route must not
+    change the traced graph (it is skipped while tracing: the same values)."""
+    model = randomize(gczoo.create_model(name, layers=[1, 1, 1, 1])).eval()
+    example, other = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (example,))
+    with torch.no_grad():
+        close(traced(other), model(other), name)
+
+
+def test_segmenter_traces_with_gradients_on(segmenter):
+    x, other = (torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(segmenter, (x,), strict=False)
+    with torch.no_grad():
+        close(traced(other)["out"], segmenter(other)["out"], "traced segmenter")
+
+
+def test_snl_fx_post_training_quantization(snl):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    example, other = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(snl, get_default_qconfig_mapping(), (example,))
+        with torch.no_grad():
+            prepared(example)  # calibration
+        quantized = convert_fx(prepared)
+    with torch.no_grad():
+        got, expected = quantized(other), snl(other)
+    # int8: close to the float model, not equal to it
+    assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] > 0.9
+
+
+def test_cli_export_writes_a_checked_file(tmp_path):
+    """As a user runs it: a fresh process, the model's own builder, exit 0 and the tolerance printed."""
+    out = tmp_path / "snl.pt"
+    env = dict(os.environ, GCZOO_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(gczoo.__file__)), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "gczoo.cli", "export", "resnet50_snl_c4", "--format", "torchscript",
+                             "--out", str(out), "--size", "64", "64"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "random initialisation" in result.stdout and "tolerance" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["snl.pt"]  # no temporary file left
+
+
+def test_cascade_onnx_and_torchscript_refused_with_the_path_that_works(tmp_path):
+    from gczoo.export import deployable
+
+    model = gczoo.create_model("cascade_maskrcnn_resnext101_32x4d_fpn_gc_r16", layers=[1, 1, 1, 1])
+    for fmt in ("onnx", "torchscript"):
+        with pytest.raises(UnsupportedExportError, match="--format exported"):
+            deployable(model, fmt)

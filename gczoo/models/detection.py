@@ -23,12 +23,14 @@ drops proposals under 1e-3 px where mmdetection drops only empty ones.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .. import finetune, registry
@@ -37,9 +39,10 @@ from ..finetune import kaiming_fan_out_init, normal_init, xavier_uniform_init
 from .cascade import CascadeRoIHeads
 from .gc_resnet import GCResNet
 from .mmdet_ops import (COCO_CATEGORIES, COCO_CATEGORY_IDS, MASK_THRESHOLD, MMDET_MEAN, MMDET_STD, DeformConv2dPack,
-                        FrozenParamBatchNorm2d, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign, MMDetTransform)
+                        FrozenParamBatchNorm2d, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign, MMDetTransform,
+                        mmcv_rescale_size, resize_image)
 
-__all__ = ["MMDetMaskRCNN", "MMDetCascadeMaskRCNN", "MMDET_HEAD_INIT", "build"]
+__all__ = ["MMDetMaskRCNN", "MMDetCascadeMaskRCNN", "DetectorNetwork", "DetectorFeatures", "MMDET_HEAD_INIT", "build"]
 
 _STAGE = r"roi_heads\.(stages\.\d+\.)?"
 #: mmdetection 3.3's initialisation of every layer outside the backbone body, by module name:
@@ -134,6 +137,15 @@ class MMDetMaskRCNN(MaskRCNN):
             det["labels"] = self.label_ids[det["labels"]]
         return out
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: the detector does not script (its resize is OpenCV's)."""
+        from ..export import UnsupportedExportError
+
+        raise UnsupportedExportError(
+            f"{type(self).__name__} does not script: its resize is OpenCV's (mmdetection's pixels) and its forward "
+            "extends torchvision's with Python. TorchScript of the network: torch.jit.trace(DetectorNetwork(model), "
+            "(resized_image,)) or `gczoo export NAME --format torchscript`.")
+
     def _class_index(self, labels: Tensor) -> Tensor:
         """Training labels (the model's ``label_ids``, see the class docstring) -> class indices 1..K."""
         known = (labels > 0) & (labels < len(self.class_index))
@@ -170,6 +182,59 @@ class MMDetCascadeMaskRCNN(MMDetMaskRCNN):
             box_batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
             box_positive_fraction=heads.fg_bg_sampler.positive_fraction)
         finetune.init_layers(self, MMDET_HEAD_INIT)
+
+
+class DetectorNetwork(nn.Module):
+    """The graph-ready part of a detector: a resized image in, its detections in the resized image's frame out.
+
+    The split for deployment. :meth:`preprocess` resizes a 0-1 image as mmdetection does (OpenCV,
+    eager); ``forward`` holds only tensor operations (normalisation, padding to 32, backbone, FPN,
+    RPN, RoI heads), so ONNX and ``torch.jit.trace`` keep the image as the graph's input; it returns
+    ``(boxes, labels, scores, masks)``: boxes in the resized image, labels as the detector reports
+    them, mask probabilities at the mask head's resolution. :meth:`postprocess` rescales the boxes
+    and pastes the masks (eager), which gives the detector's own output.
+    """
+
+    def __init__(self, detector: MMDetMaskRCNN):
+        super().__init__()
+        self.detector = detector
+        self.eval()  # inference only (exporters restore this mode after tracing)
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        """A ``(3, H, W)`` 0-1 image resized by mmdetection's rule and pixels (:func:`resize_image`)."""
+        t = self.detector.transform
+        return resize_image(image, mmcv_rescale_size(*image.shape[-2:], t.min_size[-1], t.max_size))
+
+    def batch(self, image: Tensor) -> ImageList:
+        """The resized image normalised and padded (torchvision's transform after its resize)."""
+        t = self.detector.transform
+        images = t.batch_images([GeneralizedRCNNTransform.normalize(t, image)], size_divisible=t.size_divisible)
+        return ImageList(images, [(image.shape[-2], image.shape[-1])])
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        d = self.detector
+        images = self.batch(image)
+        features = d.backbone(images.tensors)
+        proposals, _ = d.rpn(images, features)
+        det = d.roi_heads(features, proposals, images.image_sizes)[0][0]
+        return det["boxes"], d.label_ids[det["labels"]], det["scores"], det["masks"]
+
+    def postprocess(self, outputs: Sequence[Tensor], resized: Tuple[int, int],
+                    original: Tuple[int, int]) -> Dict[str, Tensor]:
+        """``forward``'s outputs as the detector's output dict for the original image size."""
+        det = dict(zip(("boxes", "labels", "scores", "masks"), outputs))
+        return self.detector.transform.postprocess([det], [tuple(resized)], [tuple(original)])[0]
+
+
+class DetectorFeatures(DetectorNetwork):
+    """:class:`DetectorNetwork` up to the data-dependent part (proposal selection, NMS): the FPN maps
+    P2..P6, then the RPN head's objectness and box deltas per level. ``torch.export`` takes it whole."""
+
+    def forward(self, image: Tensor) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        d = self.detector
+        features = list(d.backbone(self.batch(image).tensors).values())
+        objectness, deltas = d.rpn.head(features)
+        return features, objectness, deltas
 
 
 #: GCResNet arguments among the build kwargs (the rest go to the detector).

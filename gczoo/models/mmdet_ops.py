@@ -36,6 +36,8 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, deform_conv2d
 
 from .gc_resnet import fixed_affine_norm
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # newer than the oldest torch supported
+
 try:  # the optional "detection" extra: mmcv resizes 8-bit images with OpenCV
     import cv2
 except ImportError:  # pragma: no cover - exercised by monkeypatching HAVE_OPENCV
@@ -167,14 +169,14 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
         features = [x[name] for name in self.featmap_names]
         all_boxes = torch.cat(boxes)
-        batch_idx = torch.cat([torch.full((len(b), 1), i, dtype=all_boxes.dtype, device=all_boxes.device)
-                               for i, b in enumerate(boxes)])
+        # full_like, not full((len(b), 1)): a traced graph keeps the count as a size, not a constant
+        batch_idx = torch.cat([torch.full_like(b[:, :1], i, dtype=all_boxes.dtype) for i, b in enumerate(boxes)])
         rois = torch.cat([batch_idx, all_boxes], dim=1)
         levels = self.levels_of(all_boxes)
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))  # shape: traced
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = torch.where(levels == level)[0]
-            if len(idx):
+            if len(idx) or torch.jit.is_tracing():  # a traced graph pools every level: its boxes vary
                 out[idx] = roi_align(feature, rois[idx], self.output_size, spatial_scale=1.0 / stride,
                                      sampling_ratio=0, aligned=True).to(out.dtype)
         return out
@@ -224,6 +226,14 @@ def resize_image(image: Tensor, size: Tuple[int, int]) -> Tensor:
     ``align_corners=False``), which differs by up to one grey level per pixel and, on one
     480x640 image, moved 3 of 17 detections (the model card says so).
     """
+    if torch.jit.is_tracing() or _is_exporting():  # first: a trace would keep even the size test as a constant
+        from ..export import UnsupportedExportError
+
+        raise UnsupportedExportError(
+            "the detector's resize (OpenCV, as mmdetection) cannot be traced or exported: a graph would hold the "
+            "example image as a constant. Export the network on the resized image instead: "
+            "gczoo.export.export_model(model, 'onnx' | 'torchscript' | 'exported', path) or `gczoo export NAME "
+            "--format ...`, with gczoo.models.detection.DetectorNetwork for the pre- and post-processing.")
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     if cv2 is None:

@@ -86,12 +86,10 @@ class DilatedResNetV1c(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = self.maxpool(self.stem(x))
-        outs = []
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self, name)(x)
-            outs.append(x)
-        return outs
+        c2 = self.layer1(self.maxpool(self.stem(x)))  # one name per stage: TorchScript's attributes are static
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        return [c2, c3, c4, self.layer4(c4)]
 
 
 class FCNHead(nn.Module):
@@ -121,18 +119,20 @@ class ContextHead(nn.Module):
             raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
         self.head = head
         self.convs = nn.Sequential(conv_bn_relu(in_channels, channels), conv_bn_relu(channels, channels))
-        block = HEADS[head](channels)
-        if head == "gc":
-            self.context_block = block
-        else:
-            self.nonlocal_block = block
+        # the checkpoints' module names; the other one is None (TorchScript compiles the branch away)
+        self.context_block = HEADS[head](channels) if head == "gc" else None
+        self.nonlocal_block = HEADS[head](channels) if head == "nl" else None
         self.conv_cat = conv_bn_relu(in_channels + channels, channels)
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block = self.context_block if self.head == "gc" else self.nonlocal_block
-        out = self.convs[1](block(self.convs[0](x)))
+        out = self.convs[0](x)
+        if self.context_block is not None:
+            out = self.context_block(out)
+        if self.nonlocal_block is not None:
+            out = self.nonlocal_block(out)
+        out = self.convs[1](out)
         out = self.conv_cat(torch.cat([x, out], dim=1))
         return self.conv_seg(self.dropout(out))
 
@@ -143,7 +143,7 @@ def sliding_windows(height: int, width: int, crop: Tuple[int, int], stride: Tupl
     (crop_h, crop_w), (stride_h, stride_w) = crop, stride
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-    out = []
+    out: List[Tuple[int, int, int, int]] = []
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * stride_h + crop_h, height), min(c * stride_w + crop_w, width)
@@ -181,6 +181,9 @@ class SegmentationModel(nn.Module):
     #: Modules that depend on the classes (:mod:`gczoo.finetune`): both heads' 1x1 classifiers.
     class_layers = (r"(aux_)?classifier\.conv_seg",)
 
+    # TorchScript's attribute types (None in whole mode), as objects: this module's annotations are strings
+    __annotations__ = {"crop_size": Optional[Tuple[int, int]], "stride": Optional[Tuple[int, int]]}
+
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), head: str = "gc", num_classes: int = 19,
                  aux_loss: bool = False, align_corners: bool = False, test_mode: str = "whole",
                  crop_size: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None):
@@ -210,10 +213,13 @@ class SegmentationModel(nn.Module):
 
     def slide(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Sliding-window inference: window logits summed, divided by each pixel's window count."""
+        crop, stride = self.crop_size, self.stride
+        if crop is None or stride is None:
+            raise ValueError("sliding-window inference needs crop_size=(h, w) and stride=(h, w)")
         height, width = x.shape[-2:]
         sums: Dict[str, torch.Tensor] = {}
         count = x.new_zeros((1, 1, height, width))
-        for y1, y2, x1, x2 in sliding_windows(height, width, self.crop_size, self.stride):
+        for y1, y2, x1, x2 in sliding_windows(height, width, crop, stride):
             for key, logits in self.encode_decode(x[:, :, y1:y2, x1:x2]).items():
                 if key not in sums:
                     sums[key] = x.new_zeros((x.shape[0], logits.shape[1], height, width))

@@ -144,7 +144,7 @@ class SlowOnlyResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
-            raise ValueError(f"slow-only models take clips (B, 3, T, H, W), got a tensor of shape {tuple(x.shape)}")
+            raise ValueError(f"slow-only models take clips (B, 3, T, H, W), got a tensor of shape {list(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)

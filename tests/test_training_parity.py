@@ -7,6 +7,7 @@ oracles (never run by the tests).
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,20 @@ import torch
 
 import gczoo
 from gczoo.losses import segmentation_losses
+from gczoo.models import mmdet_training
+from gczoo.models.mmdet_ops import COCO_CATEGORY_IDS
 
 from mmseg_layout import shared_state_dict
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "training"
+
+
+def _golden_maker(name: str):
+    """The golden script's module (its weights, batch and sampler are what the test must reuse)."""
+    spec = importlib.util.spec_from_file_location(name, GOLDEN / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> bool:
@@ -63,3 +74,35 @@ def test_segmentation_losses_average_over_all_pixels_and_name_bad_labels():
         segmentation_losses({"out": logits}, torch.full((1, 4, 5), 7))
     with pytest.raises(ValueError, match="matching the logits"):
         segmentation_losses({"out": logits}, target[:, :2])
+
+
+def test_mask_rcnn_losses_equal_mmdetection(monkeypatch):
+    """GCNet Mask R-CNN R50 r16, two images of different sizes in one batch, three objects each:
+    with mmdetection's random choice replaced on both sides by the same deterministic one and its
+    RPN proposals given to the RoI head, the five losses are mmdetection's ``MaskRCNN.loss``
+    within 1e-5 relative, from the same numbers of sampled anchors and RoIs. (The zoo's own
+    proposals differ from mmdetection's only where scores tie to float precision.)"""
+    maker = _golden_maker("make_detection_golden")
+    golden = torch.load(GOLDEN / "maskrcnn_r50_gc_r16_losses.pt", weights_only=True)
+    (h0, w0), (h1, w1) = maker.SIZES
+    model = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16.mmdet_1x_coco", pretrained=True,
+                               min_size=max(min(h0, w0), min(h1, w1)), max_size=max(h0, w0, h1, w1),
+                               pretrained_cfg_overlay=dict(state_dict=maker.golden_state_dict())).train()
+    monkeypatch.setattr(mmdet_training.RandomSampler, "random_choice", staticmethod(maker.deterministic_choice))
+    counts = []
+    sample = mmdet_training.RandomSampler.__call__
+
+    def counted(self, assigned, priors, gt_boxes):
+        result = sample(self, assigned, priors, gt_boxes)
+        counts.append((self.num, len(result.pos_inds), len(result.neg_inds)))
+        return result
+    monkeypatch.setattr(mmdet_training.RandomSampler, "__call__", counted)
+    monkeypatch.setattr(model.rpn, "filter_proposals", lambda *args, **kwargs: (list(golden["proposals"]), None))
+    ids = torch.tensor(COCO_CATEGORY_IDS)
+    targets = [dict(t, labels=ids[t["labels"]]) for t in golden["targets"]]
+    losses = model([image.float() / 255 for image in golden["images"]], targets)
+    assert [tuple(c) for c in golden["sampled"]] == counts
+    assert set(losses) == set(golden["losses"])
+    for key, ref in golden["losses"].items():
+        value = float(losses[key].detach())
+        assert abs(value - ref) <= 1e-5 * abs(ref), (key, value, ref)

@@ -76,18 +76,23 @@ def test_segmentation_losses_average_over_all_pixels_and_name_bad_labels():
         segmentation_losses({"out": logits}, target[:, :2])
 
 
-def test_mask_rcnn_losses_equal_mmdetection(monkeypatch):
-    """GCNet Mask R-CNN R50 r16, two images of different sizes in one batch, three objects each:
-    with mmdetection's random choice replaced on both sides by the same deterministic one and its
-    RPN proposals given to the RoI head, the five losses are mmdetection's ``MaskRCNN.loss``
-    within 1e-5 relative, from the same numbers of sampled anchors and RoIs. (The zoo's own
-    proposals differ from mmdetection's only where scores tie to float precision.)"""
+@pytest.mark.parametrize("case", ["maskrcnn", "cascade"])
+def test_detection_losses_equal_mmdetection(case, monkeypatch):
+    """GCNet Mask R-CNN R50 r16 and Cascade Mask R-CNN r16 (on R50), two images of different sizes
+    in one batch, three objects each: with mmdetection's random choice replaced on both sides by
+    the same deterministic one and mmdetection's RPN proposals given to the RoI heads, every loss
+    (RPN; box, mask per stage) is mmdetection's ``model.loss`` within 1e-5 relative, from the same
+    numbers of sampled anchors and RoIs. (The zoo's own proposals differ from mmdetection's only
+    where scores tie to float precision.)"""
     maker = _golden_maker("make_detection_golden")
-    golden = torch.load(GOLDEN / "maskrcnn_r50_gc_r16_losses.pt", weights_only=True)
+    name, golden_file, _ = maker.CASES[case]
+    golden = torch.load(GOLDEN / golden_file, weights_only=True)
+    batch = torch.load(GOLDEN / maker.BATCH_FILE, weights_only=True)
     (h0, w0), (h1, w1) = maker.SIZES
-    model = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16.mmdet_1x_coco", pretrained=True,
-                               min_size=max(min(h0, w0), min(h1, w1)), max_size=max(h0, w0, h1, w1),
-                               pretrained_cfg_overlay=dict(state_dict=maker.golden_state_dict())).train()
+    overrides = maker.CASCADE_R50 if case == "cascade" else {}
+    model = gczoo.create_model(name, pretrained=True, min_size=max(min(h0, w0), min(h1, w1)), max_size=max(h0, w0, h1, w1),
+                               pretrained_cfg_overlay=dict(state_dict=maker.golden_state_dict(case == "cascade")),
+                               **overrides).train()
     monkeypatch.setattr(mmdet_training.RandomSampler, "random_choice", staticmethod(maker.deterministic_choice))
     counts = []
     sample = mmdet_training.RandomSampler.__call__
@@ -99,9 +104,9 @@ def test_mask_rcnn_losses_equal_mmdetection(monkeypatch):
     monkeypatch.setattr(mmdet_training.RandomSampler, "__call__", counted)
     monkeypatch.setattr(model.rpn, "filter_proposals", lambda *args, **kwargs: (list(golden["proposals"]), None))
     ids = torch.tensor(COCO_CATEGORY_IDS)
-    targets = [dict(t, labels=ids[t["labels"]]) for t in golden["targets"]]
-    losses = model([image.float() / 255 for image in golden["images"]], targets)
-    assert [tuple(c) for c in golden["sampled"]] == counts
+    targets = [dict(t, labels=ids[t["labels"]]) for t in batch["targets"]]
+    losses = model([image.float() / 255 for image in batch["images"]], targets)
+    assert counts == [tuple(c) for c in golden["sampled"]]
     assert set(losses) == set(golden["losses"])
     for key, ref in golden["losses"].items():
         value = float(losses[key].detach())

@@ -14,7 +14,8 @@ detectors run this module instead, which follows mmdetection:
   RoI head 512 RoIs, a quarter positive at most, the GT boxes prepended to the proposals and
   assigned to themselves. Chosen indices are sorted (positives first).
 * **Anchors** -- only anchors on the valid part of the feature map of each image (its size padded
-  to 32, ``ceil(pad / stride)`` cells) take part, as mmdetection's ``valid_flags``.
+  to 32, ``ceil(pad / stride)`` cells) take part, as mmdetection's ``valid_flags``; in the
+  cascade configs (``allowed_border=0``) only those inside the image.
 * **Targets** -- ``DeltaXYWHBBoxCoder.encode`` (means 0; stds 1 for the RPN, 0.1/0.1/0.2/0.2 for
   the box head, per stage in the cascade), class-specific regression in Mask R-CNN.
 * **Losses** -- RPN: sigmoid cross-entropy and the box loss over the sampled anchors, both divided
@@ -162,7 +163,9 @@ class RandomSampler:
 @dataclass(frozen=True)
 class LossRecipe:
     """What an mmdetection config sets beyond torchvision's arguments: the box losses (``0``: L1,
-    else smooth L1 with that beta), low-quality matches in the RoI assigner, the mask target size.
+    else smooth L1 with that beta), low-quality matches in the RoI assigner, the RPN's
+    ``allowed_border`` (``None``: every anchor; else only anchors inside the image by that
+    margin take part), the mask target size.
 
     Counts and thresholds come from the model's torchvision components, whose defaults in the zoo
     are mmdetection's: ``rpn.proposal_matcher`` (0.7 / 0.3, ``min_pos_iou`` = the negative
@@ -173,13 +176,15 @@ class LossRecipe:
     rpn_box_beta: float
     roi_box_beta: float
     roi_low_quality: bool
+    rpn_allowed_border: Optional[float] = None
     mask_size: int = 28
 
 
 #: ``mask-rcnn_r50_fpn.py``: L1 box losses, RoI assigner 0.5 / 0.5 / 0.5 with low-quality matches.
 MASK_RCNN_RECIPE = LossRecipe(rpn_box_beta=0.0, roi_box_beta=0.0, roi_low_quality=True)
-#: ``cascade-mask-rcnn_r50_fpn.py``: smooth L1 (beta 1/9 RPN, 1 RoI), stage assigners without low-quality matches.
-CASCADE_RECIPE = LossRecipe(rpn_box_beta=1.0 / 9.0, roi_box_beta=1.0, roi_low_quality=False)
+#: ``cascade-mask-rcnn_r50_fpn.py``: smooth L1 (beta 1/9 RPN, 1 RoI), stage assigners without low-quality
+#: matches, RPN anchors inside the image only (``allowed_border=0``).
+CASCADE_RECIPE = LossRecipe(rpn_box_beta=1.0 / 9.0, roi_box_beta=1.0, roi_low_quality=False, rpn_allowed_border=0.0)
 
 
 def _assigner(matcher, low_quality: bool) -> MaxIoUAssigner:
@@ -205,7 +210,7 @@ def _valid_anchors(feature_sizes: List[Tuple[int, int]], strides: Sequence[int],
     return torch.cat(flags)
 
 
-def rpn_losses(rpn, images, features: List[Tensor], targets: List[Dict[str, Tensor]], box_beta: float,
+def rpn_losses(rpn, images, features: List[Tensor], targets: List[Dict[str, Tensor]], recipe: LossRecipe,
                size_divisible: int) -> Tuple[Dict[str, Tensor], List[Tensor]]:
     """The RPN's losses and the training proposals of each image (mmdetection's ``RPNHead.loss_and_predict``)."""
     objectness, deltas = rpn.head(features)
@@ -221,8 +226,12 @@ def rpn_losses(rpn, images, features: List[Tensor], targets: List[Dict[str, Tens
     assigner, sampler = _assigner(rpn.proposal_matcher, True), _sampler(rpn.fg_bg_sampler, False)
     logits, labels, box_pred, box_target, avg_factor = [], [], [], [], 0
     for i, target in enumerate(targets):
-        valid = torch.where(_valid_anchors(feature_sizes, rpn.anchor_generator.strides, num_base,
-                                           tuple(images.image_sizes[i]), size_divisible, anchors[i].device))[0]
+        valid = _valid_anchors(feature_sizes, rpn.anchor_generator.strides, num_base, tuple(images.image_sizes[i]),
+                               size_divisible, anchors[i].device)
+        if recipe.rpn_allowed_border is not None:  # mmdetection's anchor_inside_flags
+            (h, w), border, a = images.image_sizes[i], recipe.rpn_allowed_border, anchors[i]
+            valid &= (a[:, 0] >= -border) & (a[:, 1] >= -border) & (a[:, 2] < w + border) & (a[:, 3] < h + border)
+        valid = torch.where(valid)[0]
         gt = target["boxes"].to(anchors[i].dtype)
         s = sampler(assigner(anchors[i][valid], gt), anchors[i][valid], gt)
         pos, neg = valid[s.pos_inds], valid[s.neg_inds]
@@ -232,7 +241,7 @@ def rpn_losses(rpn, images, features: List[Tensor], targets: List[Dict[str, Tens
         box_target.append(encode_deltas(anchors[i][pos], gt[s.pos_gt], (1.0, 1.0, 1.0, 1.0)))
         avg_factor += max(pos.numel(), 1) + max(neg.numel(), 1)
     loss_cls = F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(labels), reduction="sum")
-    loss_box = box_loss(torch.cat(box_pred), torch.cat(box_target), box_beta)
+    loss_box = box_loss(torch.cat(box_pred), torch.cat(box_target), recipe.rpn_box_beta)
     return {"loss_objectness": loss_cls / avg_factor, "loss_rpn_box_reg": loss_box / avg_factor}, boxes
 
 
@@ -302,7 +311,7 @@ def detector_losses(model, images: List[Tensor], targets: List[Dict[str, Tensor]
             raise ValueError("training a Mask R-CNN needs 'masks' (N, H, W) in every target, beside 'boxes' and 'labels'")
     images, targets = model.transform(images, targets)
     features = model.backbone(images.tensors)
-    losses, proposals = rpn_losses(model.rpn, images, list(features.values()), targets, recipe.rpn_box_beta,
+    losses, proposals = rpn_losses(model.rpn, images, list(features.values()), targets, recipe,
                                    model.transform.size_divisible)
     padded = tuple(images.tensors.shape[-2:])
     if not cascade:

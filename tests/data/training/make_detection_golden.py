@@ -1,17 +1,19 @@
-"""Regenerate the Mask R-CNN golden of tests/test_training_parity.py with mmdetection itself.
+"""Regenerate the detection goldens of tests/test_training_parity.py with mmdetection itself.
 
     /tmp/mmdet-oracle/venv/bin/python tests/data/training/make_detection_golden.py [--oracle ../shared/oracles/mmdet_oracle]
 
 Needs the mmdetection oracle (mmdetection 3.3.0 on CPU); the project's tests never run this.
-Builds GCNet Mask R-CNN R50 r16 from mmdetection's own config (BN frozen as in training,
-``norm_eval=True``; the oracle's ``build_config``), loads the checkpoint of
-``tests/mmdet_layout.py`` strictly, and in train mode runs ``MaskRCNN.loss`` on two images of
+Builds GCNet Mask R-CNN R50 r16 from mmdetection's own config, and the GCNet Cascade Mask R-CNN
+r16 config with its ResNeXt-101 backbone swapped for ResNet-50 (the cascade's training is in its
+heads; the swap keeps the test fast), BN frozen as in training (``norm_eval=True``; the
+oracle's ``build_config``), loads the checkpoint of ``tests/mmdet_layout.py`` strictly, and in
+train mode runs ``model.loss`` on two images of
 different sizes with three objects each (boxes, labels, masks), keeping the RPN's training
 proposals (the zoo's test injects them: near-equal scores order differently in the two codes). The batch is what
 ``DetDataPreprocessor`` hands the model (RGB, normalised, zero-padded to a multiple of 32; masks
 padded to the batch size). The random sampler is replaced on both sides by
 :func:`deterministic_choice`, so both sample the same indices. Keeps the images (uint8), the
-targets, the losses and the sample counts.
+targets (one file for both cases), the losses, the proposals and the sample counts.
 """
 import argparse
 import math
@@ -39,15 +41,29 @@ def deterministic_choice(gallery: torch.Tensor, num: int) -> torch.Tensor:
 #: N(0, 0.01) weights give outputs ~0.01 that the biases dominate: every loss would sit at its
 #: constant-prediction value and a wrong class or mask channel would not show)
 HEAD_SCALES = {"rpn_head.rpn_cls.weight": 1000.0, "rpn_head.rpn_reg.weight": 100.0,
-               "roi_head.bbox_head.fc_cls.weight": 500.0, "roi_head.bbox_head.fc_reg.weight": 100.0,
-               "roi_head.mask_head.conv_logits.weight": 300.0}
+               "fc_cls.weight": 500.0, "fc_reg.weight": 100.0, "conv_logits.weight": 300.0}
+#: case -> (zoo model name, golden file, mmdetection loss key -> zoo loss key)
+CASES = {
+    "maskrcnn": ("maskrcnn_resnet50_fpn_gc_r16.mmdet_1x_coco", "maskrcnn_r50_gc_r16_losses.pt",
+                 {"loss_rpn_cls": "loss_objectness", "loss_rpn_bbox": "loss_rpn_box_reg", "loss_cls": "loss_classifier",
+                  "loss_bbox": "loss_box_reg", "loss_mask": "loss_mask"}),
+    "cascade": ("cascade_maskrcnn_resnext101_32x4d_fpn_gc_r16.mmdet_syncbn_1x_coco", "cascade_r50_gc_r16_losses.pt",
+                {"loss_rpn_cls": "loss_objectness", "loss_rpn_bbox": "loss_rpn_box_reg",
+                 **{f"s{s}.loss_{a}": f"loss_{b}_stage{s}" for s in range(3)
+                    for a, b in (("cls", "classifier"), ("bbox", "box_reg"), ("mask", "mask"))}}),
+}
+BATCH_FILE = "detection_batch.pt"
+#: the zoo's arguments for the cascade case: a ResNet-50 body (mmdetection's config gets the same)
+CASCADE_R50 = dict(layers=(3, 4, 6, 3), groups=1, base_width=64)
 
 
-def golden_state_dict():
+def golden_state_dict(cascade: bool = False):
     """tests/mmdet_layout.py's GCNet R50 r16 state dict (seed 0), output layers scaled by HEAD_SCALES."""
-    state = mmdet_maskrcnn_state_dict((3, 4, 6, 3), gc_ratio=1 / 16)
-    for key, scale in HEAD_SCALES.items():
-        state[key] = state[key] * scale
+    state = mmdet_maskrcnn_state_dict((3, 4, 6, 3), gc_ratio=1 / 16, cascade=cascade)
+    for key in state:
+        for suffix, scale in HEAD_SCALES.items():
+            if key.endswith(suffix):
+                state[key] = state[key] * scale
     return state
 
 
@@ -77,7 +93,10 @@ def golden_batch():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oracle", default=str(HERE.parents[2] / ".." / "shared" / "oracles" / "mmdet_oracle"))
+    ap.add_argument("--case", choices=sorted(CASES), default="maskrcnn")
     a = ap.parse_args()
+    cascade = a.case == "cascade"
+    _, out_name, loss_names = CASES[a.case]
     sys.path.insert(0, os.path.abspath(a.oracle))
     import run as oracle
     from mmdet.apis import init_detector
@@ -86,9 +105,16 @@ def main():
     from mmdet.structures.mask import BitmapMasks
     from mmengine.structures import InstanceData
 
-    cfg, path = oracle.build_config("r50", "r16")
+    if cascade:
+        cfg, path = oracle.build_config("x101_32x4d", "r16", cascade=True)
+        backbone = cfg.model.backbone
+        backbone.type, backbone.depth = "ResNet", 50
+        backbone.pop("groups")
+        backbone.pop("base_width")
+    else:
+        cfg, path = oracle.build_config("r50", "r16")
     model = init_detector(cfg, checkpoint=None, device="cpu")
-    model.load_state_dict(golden_state_dict(), strict=True)
+    model.load_state_dict(golden_state_dict(cascade), strict=True)
     model.train()
     RandomSampler.random_choice = lambda self, gallery, num: deterministic_choice(gallery, num)
     sampled = []
@@ -128,15 +154,13 @@ def main():
     losses = model.loss(inputs, samples)
     values = {k: float(sum(v) if isinstance(v, list) else v) for k, v in losses.items()}
     print(values, sampled, [len(p) for p in proposals])
-    torch.save({"images": images, "targets": targets,
-                "losses": {"loss_objectness": values["loss_rpn_cls"], "loss_rpn_box_reg": values["loss_rpn_bbox"],
-                           "loss_classifier": values["loss_cls"], "loss_box_reg": values["loss_bbox"],
-                           "loss_mask": values["loss_mask"]},
+    torch.save({"images": images, "targets": targets}, HERE / BATCH_FILE)  # the same for every case
+    torch.save({"losses": {ours: values[theirs] for theirs, ours in loss_names.items()},
                 "sampled": sampled, "num_proposals": [len(p) for p in proposals],
                 "proposals": proposals,
                 "config": os.path.basename(path), "versions": {"mmdet": __import__("mmdet").__version__,
                                                                "torch": str(torch.__version__)}},
-               HERE / "maskrcnn_r50_gc_r16_losses.pt")
+               HERE / out_name)
 
 
 if __name__ == "__main__":

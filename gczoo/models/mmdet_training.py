@@ -27,7 +27,8 @@ detectors run this module instead, which follows mmdetection:
   sampling_ratio=0)`` at 28x28 on each positive RoI and binarised at 0.5 (torchvision: unaligned,
   soft); loss is the mean sigmoid cross-entropy at the GT label's channel.
 * **Proposals** in training: 2000 per level before NMS 0.7, 1000 kept (cascade 2000 kept), from
-  the detached RPN outputs. Cascade stages feed the next one the refined boxes of their sampled
+  the detached RPN outputs (torchvision's ``filter_proposals`` with the detector's
+  ``rpn_pre_nms_top_n_train`` / ``rpn_post_nms_top_n_train``, which default to these). Cascade stages feed the next one the refined boxes of their sampled
   RoIs (clipped, GT rows removed) and weigh their losses 1, 0.5, 0.25.
 """
 from __future__ import annotations

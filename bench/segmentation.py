@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Worker, environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
+from bench.segmentation_worker import MEAN, STD  # noqa: E402
 from gczoo.models.segmentation import sliding_windows  # noqa: E402
 
 WORKER = ROOT / "bench" / "segmentation_worker.py"
-#: mmsegmentation's data_preprocessor (Cityscapes / ADE20K configs), RGB
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 HEADS = {"gcnet": "gc", "nonlocal": "nl"}
 
 

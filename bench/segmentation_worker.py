@@ -11,6 +11,16 @@ same normalised input ``(1, 3, H, W)``; one inference goes from that tensor to t
 ``(1, C, H, W)`` at input size: ``model(x)["out"]`` in the zoo, ``EncoderDecoder.inference(x,
 metas)`` in mmsegmentation (whole image or sliding window, as the mode says).
 
+With ``--train`` (``bench/train.py``) the input is a training batch (``images``: uint8
+``(B, 3, H, W)`` RGB; ``labels``: ``(B, H, W)`` with 255 ignored) and one inference becomes one
+training iteration in train mode (BatchNorm on batch statistics, dropout on): the zoo
+normalises the images, runs ``model(x)`` with the auxiliary head and
+:func:`gczoo.losses.segmentation_losses`, backward, an SGD step; mmsegmentation runs its own
+``model.train_step`` (data preprocessor: BGR to RGB, normalisation, padding to the input size;
+decode and auxiliary losses; the optimizer wrapper's backward and step) on the same images in
+BGR. Both use the 40k schedule's SGD (momentum 0.9, weight decay 5e-4) with learning rate 1e-4
+(the same cost; the random weights stay finite).
+
 Protocol (one JSON object per line): the worker prints ``{"ready": ...}`` once loaded, then
 answers each request ``{"cmd": ...}`` read from stdin: ``run`` (one inference under
 ``torch.no_grad``; its wall and process CPU seconds), ``save`` with a ``path`` (the last logits,
@@ -41,6 +51,8 @@ MODES = {"whole": ("mmseg_cityscapes_512x1024_40k", "cityscapes_512x1024"),
 #: model -> (gczoo architecture, mmsegmentation oracle model name)
 MODELS = {"gcnet": ("gcnet_resnet50_d8", "gcnet"), "nonlocal": ("nonlocal_resnet50_d8", "nonlocal")}
 VERSIONS = {"torch": torch.__version__}
+#: mmsegmentation's data_preprocessor (Cityscapes / ADE20K configs), RGB
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
 def zoo_segmentor(a):
@@ -53,7 +65,31 @@ def zoo_segmentor(a):
     return lambda x: model(x)["out"]
 
 
-def mmseg_segmentor(a):
+def zoo_trainer(a, batch):
+    """One training iteration of the zoo's segmentor on ``batch`` (see the module docstring)."""
+    import gczoo
+    from gczoo.losses import segmentation_losses
+
+    tag, _ = MODES[a.mode]
+    model = gczoo.create_model(f"{MODELS[a.model][0]}.{tag}", pretrained=True, aux_loss=True,
+                               pretrained_cfg_overlay=dict(file=a.checkpoint)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    images, labels = batch["images"], batch["labels"].long()
+
+    def step():
+        losses = segmentation_losses(model((images.float() - mean) / std), labels)
+        optimizer.zero_grad()
+        loss = sum(losses.values())
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def mmseg_model(a, size=None):
+    """mmsegmentation's own model of the row (the oracle's config builder), the checkpoint loaded
+    strictly; ``size``: the data preprocessor's padding size (the config pads to its crop)."""
     sys.path.insert(0, a.oracle_dir)
     from run import build_config  # the oracle's own config builder (mmseg_oracle/run.py)
     from mmseg.apis import init_model
@@ -61,12 +97,41 @@ def mmseg_segmentor(a):
     cfg, _ = build_config(MODELS[a.model][1], 50, MODES[a.mode][1])
     if a.mode == "slide":
         cfg.model.test_cfg.crop_size, cfg.model.test_cfg.stride = tuple(a.crop), tuple(a.stride)
+    if size is not None:
+        cfg.model.data_preprocessor.size = tuple(size)
     model = init_model(cfg, checkpoint=None, device="cpu")
     state = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("state_dict", state), strict=True)
-    model.eval()
     import mmcv, mmengine, mmseg
     VERSIONS.update(mmsegmentation=mmseg.__version__, mmcv=mmcv.__version__, mmengine=mmengine.__version__)
+    return model
+
+
+def mmseg_trainer(a, batch):
+    """One ``model.train_step`` of mmsegmentation's segmentor on ``batch`` (see the module docstring)."""
+    from mmengine.optim import OptimWrapper
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    images, labels = batch["images"], batch["labels"]
+    h, w = images.shape[-2:]
+    model = mmseg_model(a, size=(h, w)).train()
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4))
+    samples = []
+    for label in labels:
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
+        sample.gt_sem_seg = PixelData(data=label[None].long())
+        samples.append(sample)
+    data = dict(inputs=[im.flip(0).contiguous() for im in images], data_samples=samples)
+
+    def step():
+        log = model.train_step(data, optim)
+        return log["loss"]
+    return step
+
+
+def mmseg_segmentor(a):
+    model = mmseg_model(a).eval()
 
     def infer(x):
         h, w = x.shape[-2:]
@@ -87,12 +152,17 @@ def main(argv=None):
     ap.add_argument("--stride", type=int, nargs=2, default=(513, 513))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--oracle-dir", default=None, help="mmseg_oracle folder (run.py), for --side mmseg")
+    ap.add_argument("--train", action="store_true", help="the input is a training batch, a run one training iteration")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if a.threads:
         torch.set_num_threads(a.threads)
-    infer = zoo_segmentor(a) if a.side == "zoo" else mmseg_segmentor(a)
-    x = torch.load(a.input, weights_only=True)
+    if a.train:
+        run = (zoo_trainer if a.side == "zoo" else mmseg_trainer)(a, torch.load(a.input, weights_only=True))
+    else:
+        infer = zoo_segmentor(a) if a.side == "zoo" else mmseg_segmentor(a)
+        x = torch.load(a.input, weights_only=True)
+        run = torch.no_grad()(lambda: infer(x))
     reset_peak_rss()
     rss0 = proc_status_kib("VmRSS")
     out = None
@@ -104,8 +174,7 @@ def main(argv=None):
             break
         if cmd == "run":
             t0, c0 = time.perf_counter(), time.process_time()
-            with torch.no_grad():
-                out = infer(x)
+            out = run()
             reply = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                      "shape": list(out.shape)}
         elif cmd == "save":

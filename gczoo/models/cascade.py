@@ -13,10 +13,11 @@ follows mmdetection's ``CascadeRoIHead`` (``configs/cascade_rcnn``; published.md
   0.5, 100 per image (mmdetection's ``multiclass_nms``, which drops no small box);
 * masks: the three mask heads run on the final boxes; their sigmoids (at the label's channel)
   are averaged and pasted as they are;
-* training: each stage samples 512 RoIs (25% positive, ground truth added as proposals) among
-  the previous stage's refined boxes (ground-truth rows removed, gradients stopped), with
-  cross-entropy and smooth-L1 (beta 1) box losses, and a mask loss on its positives; the losses
-  of the stages are weighted 1, 0.5, 0.25.
+* training (:func:`gczoo.models.mmdet_training.detector_losses`): each stage samples 512 RoIs
+  (25% positive, ground truth added as proposals) among the previous stage's refined boxes
+  (ground-truth rows removed, gradients stopped), with cross-entropy and smooth-L1 (beta 1) box
+  losses, and a mask loss on its positives; the losses of the stages are weighted
+  ``stage_loss_weights`` (1, 0.5, 0.25).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from .mmdet_ops import MMDetBoxCoder
@@ -104,7 +105,8 @@ class CascadeRoIHeads(nn.Module):
     def forward(self, features: Dict[str, Tensor], proposals: List[Tensor], image_shapes: List[Tuple[int, int]],
                 targets: Optional[List[Dict[str, Tensor]]] = None):
         if self.training:
-            return [], self._losses(features, proposals, image_shapes, targets)
+            raise RuntimeError("CascadeRoIHeads computes its training losses through the detector: call the "
+                               "MMDetCascadeMaskRCNN in train mode (gczoo.models.mmdet_training.detector_losses)")
         rois, logits_sum = proposals, 0
         for stage in self.stages:
             logits, deltas = self._box_features(stage, features, rois, image_shapes)
@@ -135,28 +137,3 @@ class CascadeRoIHeads(nn.Module):
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-
-    def _losses(self, features: Dict[str, Tensor], proposals: List[Tensor], image_shapes: List[Tuple[int, int]],
-                targets: Optional[List[Dict[str, Tensor]]]) -> Dict[str, Tensor]:
-        if targets is None:
-            raise ValueError("CascadeRoIHeads in training mode needs targets (boxes, labels, masks per image)")
-        losses: Dict[str, Tensor] = {}
-        last = len(self.stages) - 1
-        for s, (stage, weight) in enumerate(zip(self.stages, self.stage_loss_weights)):
-            rois, matched_idxs, labels, regression_targets = stage.select_training_samples(proposals, targets)
-            logits, deltas = self._box_features(stage, features, rois, image_shapes)
-            labels_all, targets_all = torch.cat(labels), torch.cat(regression_targets)
-            positive = torch.where(labels_all > 0)[0]
-            loss_box = F.smooth_l1_loss(deltas[positive], targets_all[positive], beta=1.0, reduction="sum")
-            losses[f"loss_classifier_stage{s}"] = weight * F.cross_entropy(logits, labels_all)
-            losses[f"loss_box_reg_stage{s}"] = weight * loss_box / max(labels_all.numel(), 1)
-            positive_rois = [r[l > 0] for r, l in zip(rois, labels)]
-            positive_idxs = [m[l > 0] for m, l in zip(matched_idxs, labels)]
-            mask_logits = self._mask_logits(stage, features, positive_rois, image_shapes)
-            losses[f"loss_mask_stage{s}"] = weight * maskrcnn_loss(
-                mask_logits, positive_rois, [t["masks"] for t in targets], [t["labels"] for t in targets], positive_idxs)
-            if s < last:  # next stage's proposals: refined boxes without the ground truth added as proposals
-                refined = self._boxes(stage, rois, deltas.detach(), image_shapes)
-                proposals = [b[~(r[:, None, :] == t["boxes"].to(r)[None]).all(-1).any(1)]
-                             for b, r, t in zip(refined, rois, targets)]
-        return losses

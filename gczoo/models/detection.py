@@ -13,7 +13,9 @@ restored where torchvision's defaults differ by the components of :mod:`gczoo.mo
 (anchors, RoIAlign, box coder, resize and mask pasting), and :class:`MMDetMaskRCNN` sets
 mmdetection's test thresholds (RPN: 1000 per level before NMS 0.7, 1000 kept; boxes: score
 > 0.05, class-wise NMS 0.5, 100 per image), mean/std on 0-1 values, short side 800 / long side
-<= 1333, padding to 32, and reports labels as COCO category ids.
+<= 1333, padding to 32, and reports labels as COCO category ids. In training mode the losses are
+mmdetection's (assignment, sampling, targets, loss functions and normalisation), computed by
+:func:`gczoo.models.mmdet_training.detector_losses`.
 
 What still differs from mmdetection (named in the model cards): without OpenCV installed the
 image is resampled in float (see :func:`gczoo.models.mmdet_ops.resize_image`); the Mask R-CNN
@@ -38,6 +40,7 @@ from ..convert import load_pretrained
 from ..finetune import kaiming_fan_out_init, normal_init, xavier_uniform_init
 from .cascade import CascadeRoIHeads
 from .gc_resnet import GCResNet
+from .mmdet_training import detector_losses
 from .mmdet_ops import (COCO_CATEGORIES, COCO_CATEGORY_IDS, MASK_THRESHOLD, MMDET_MEAN, MMDET_STD, DeformConv2dPack,
                         FrozenParamBatchNorm2d, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign, MMDetTransform,
                         mmcv_rescale_size, resize_image)
@@ -99,6 +102,7 @@ class MMDetMaskRCNN(MaskRCNN):
         settings = dict(
             min_size=800, max_size=1333, image_mean=list(MMDET_MEAN), image_std=list(MMDET_STD),
             rpn_anchor_generator=MMDetAnchorGenerator(), rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
+            rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
             rpn_nms_thresh=0.7, box_roi_pool=MMDetRoIAlign(roi_names, 7), mask_roi_pool=MMDetRoIAlign(roi_names, 14),
             box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
         )
@@ -130,9 +134,11 @@ class MMDetMaskRCNN(MaskRCNN):
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
         if targets is not None:
             targets = [dict(t, labels=self._class_index(t["labels"])) for t in targets]
-        out = super().forward(images, targets)
         if self.training:
-            return out
+            if targets is None:
+                raise ValueError("in training mode the model needs targets (boxes, labels, masks per image)")
+            return detector_losses(self, images, targets)
+        out = super().forward(images, targets)
         for det in out:
             det["labels"] = self.label_ids[det["labels"]]
         return out
@@ -174,6 +180,7 @@ class MMDetCascadeMaskRCNN(MMDetMaskRCNN):
     def __init__(self, backbone: nn.Module, num_classes: Optional[int] = None,
                  label_ids: Optional[Sequence[int]] = COCO_CATEGORY_IDS,
                  class_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        kwargs.setdefault("rpn_post_nms_top_n_train", 2000)  # cascade-mask-rcnn_r50_fpn.py: rpn_proposal max_per_img
         super().__init__(backbone, num_classes, label_ids, class_names, **kwargs)
         heads = self.roi_heads
         self.roi_heads = CascadeRoIHeads(

@@ -465,19 +465,17 @@ def _load_model(name: str, checkpoint: Optional[Union[str, Path]],
 
 
 def _image_input(model: nn.Module, family: str, path: Path) -> torch.Tensor:
-    """One image file as the model's input: 0-1 RGB for detection models, the model's own eval
-    transform for classifiers, a static clip of :data:`VIDEO_FRAMES` frames for video models."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as the model's input: 0-1 RGB at the test scale for detection models, the model's
+    own eval transform for classifiers, a static clip of :data:`VIDEO_FRAMES` frames for video models.
+    Pictures are bounded in pixels before decoding (:func:`gczoo.fileio.read_image`)."""
     from timm.data import create_transform, resolve_data_config
     from torchvision.transforms.functional import to_tensor
 
-    try:
-        with Image.open(path) as img:
-            picture = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read {path} as an image ({err})") from err
-    if family == "maskrcnn":
-        return to_tensor(picture)
+    from .fileio import read_image
+
+    if family == "maskrcnn":  # at the detector's test scale (its own transform would resize it there)
+        return to_tensor(read_image(path, fit=model.pretrained_cfg["input_size"][1:]))
+    picture = read_image(path)
     if family == "slowonly":
         frame = create_transform(**resolve_data_config({"input_size": (3, 224, 224)}))(picture)
         return frame.unsqueeze(1).expand(-1, VIDEO_FRAMES, -1, -1).contiguous()

@@ -204,6 +204,10 @@ def _demo_input(args: argparse.Namespace):
     return pil_to_tensor(read_image(args.image, what="--image"))
 
 
+#: mmdetection's test scale (1333, 800): the largest picture the detection demo keeps (and draws on).
+DETECTION_TEST_SCALE = (1333, 800)
+
+
 def _fit_picture(picture, fit):
     """``picture`` (uint8 CHW) scaled down, keeping its aspect ratio, until its sides fit ``fit`` = (long, short)
     (the model's test scale, as :func:`gczoo.fileio.read_image` does for files)."""
@@ -297,7 +301,7 @@ def _demo_detection(model, name: str, loaded: bool, picture, args: argparse.Name
     import torch
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    picture = _fit_picture(picture, model.pretrained_cfg["input_size"][1:])  # the detector's test scale
+    picture = _fit_picture(picture, DETECTION_TEST_SCALE)  # the detector resizes again, by --min-size
     with torch.no_grad():
         det = model([picture.float() / 255])[0]
     keep = det["scores"] >= args.score_threshold

@@ -157,7 +157,7 @@ def load_backbone(backbone: nn.Module, state_dict: StateDict, what: str) -> None
     for key, value in own.items():
         if key not in out and (_INSERTED.search(key) or key.endswith(".num_batches_tracked")):
             out[key] = value
-    _check(out, backbone, "fc", what)
+    _check(out, backbone, "fc", what, "the detector's or segmenter's backbone")
     backbone.load_state_dict(out, strict=True)
 
 

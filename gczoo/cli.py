@@ -204,20 +204,18 @@ def _demo_input(args: argparse.Namespace):
     return pil_to_tensor(read_image(args.image, what="--image"))
 
 
-#: mmdetection's test scale (1333, 800): the largest picture the detection demo keeps (and draws on).
-DETECTION_TEST_SCALE = (1333, 800)
-
-
 def _fit_picture(picture, fit):
-    """``picture`` (uint8 CHW) scaled down, keeping its aspect ratio, until its sides fit ``fit`` = (long, short)
-    (the model's test scale, as :func:`gczoo.fileio.read_image` does for files)."""
+    """``picture`` (uint8 CHW) scaled down to ``fit`` = (long, short) by :func:`gczoo.fileio.fitted_size`,
+    the rule :func:`gczoo.fileio.read_image` applies to files."""
     from torchvision.transforms.functional import resize
 
+    from .fileio import fitted_size
+
     height, width = picture.shape[-2:]
-    scale = min(1.0, max(fit) / max(width, height), min(fit) / min(width, height))
-    if scale == 1.0:
+    new_width, new_height = fitted_size(width, height, fit)
+    if (new_width, new_height) == (width, height):
         return picture
-    return resize(picture, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
+    return resize(picture, [new_height, new_width], antialias=True)
 
 
 #: Height in pixels of one line of the caption under a demo picture (PIL's default bitmap font).
@@ -301,7 +299,9 @@ def _demo_detection(model, name: str, loaded: bool, picture, args: argparse.Name
     import torch
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    picture = _fit_picture(picture, DETECTION_TEST_SCALE)  # the detector resizes again, by --min-size
+    from .models.mmdet_ops import TEST_SCALE
+
+    picture = _fit_picture(picture, TEST_SCALE)  # the largest picture kept; the detector resizes again, by --min-size
     with torch.no_grad():
         det = model([picture.float() / 255])[0]
     keep = det["scores"] >= args.score_threshold
@@ -389,8 +389,10 @@ def _demo_segmentation(model, name: str, loaded: bool, picture, args: argparse.N
 
 
 def _detection_kwargs(args: argparse.Namespace) -> dict:
-    """``--min-size``: the shorter image side, the longer one capped in mmdetection's 800:1333 ratio."""
-    return {} if args.min_size is None else dict(min_size=args.min_size, max_size=round(args.min_size * 1333 / 800))
+    """``--min-size``: the shorter image side (:func:`gczoo.models.mmdet_ops.test_scale_kwargs`)."""
+    from .models.mmdet_ops import test_scale_kwargs
+
+    return test_scale_kwargs(args.min_size)
 
 
 @dataclass(frozen=True)

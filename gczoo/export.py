@@ -310,10 +310,9 @@ def _build(name: str, weights_file: Optional[Path], kwargs: dict):
 
 def command(args: argparse.Namespace) -> int:
     """``gczoo export``: exit 0 when the file was written and checked, 1 when the check failed, 2 when unsupported."""
-    kwargs = {}
-    if args.min_size is not None:
-        kwargs = dict(min_size=args.min_size, max_size=round(args.min_size * 1333 / 800))
-    model, note = _build(args.name, args.weights_file, kwargs)
+    from .models.mmdet_ops import test_scale_kwargs
+
+    model, note = _build(args.name, args.weights_file, test_scale_kwargs(args.min_size))
     print(note)
     try:
         example, fresh = sample_inputs(model.eval(), tuple(args.size) if args.size else None, args.format)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
-__all__ = ["atomic_path", "check_torch_archive", "safetensors_metadata", "read_image", "ImageTooLargeError",
+__all__ = ["atomic_path", "check_torch_archive", "safetensors_metadata", "fitted_size", "read_image", "ImageTooLargeError",
            "MAX_ARCHIVE_RECORDS", "MAX_IMAGE_PIXELS"]
 
 #: Records a ``torch.save`` archive may hold: one per storage plus a handful (the largest zoo
@@ -123,12 +123,18 @@ class ImageTooLargeError(ValueError):
     """A picture with more pixels than :data:`MAX_IMAGE_PIXELS`: refused from its header, never decoded."""
 
 
+def fitted_size(width: int, height: int, fit: Tuple[int, int]) -> Tuple[int, int]:
+    """``(width, height)`` scaled down (never up), keeping the aspect ratio, until both sides fit
+    ``fit=(long side, short side)``: mmsegmentation's and mmdetection's ``Resize(keep_ratio=True)`` rule."""
+    scale = min(1.0, max(fit) / max(width, height), min(fit) / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def read_image(path: Union[str, os.PathLike], fit: Optional[Tuple[int, int]] = None, what: str = "image"):
     """A picture file as a PIL RGB image, bounded before decoding and scaled to ``fit``.
 
-    ``fit=(long side, short side)`` scales the picture down (never up), keeping its aspect ratio, until
-    both sides fit: mmsegmentation's ``Resize(keep_ratio=True)`` test scale, which is also the
-    largest input a model's demo or analysis needs. A picture of more than :data:`MAX_IMAGE_PIXELS`
+    ``fit=(long side, short side)`` scales the picture down by :func:`fitted_size`: a model's test
+    scale, which is also the largest input its demo or analysis needs. A picture of more than :data:`MAX_IMAGE_PIXELS`
     pixels (a decompression bomb: a few KB of PNG declaring 30000 x 30000) raises
     :class:`ImageTooLargeError`; an unreadable file raises ``ValueError``; both name the file.
     """
@@ -149,8 +155,7 @@ def read_image(path: Union[str, os.PathLike], fit: Optional[Tuple[int, int]] = N
                     raise too_large(f"{width} x {height} = {width * height:,} pixels")
                 if fit is None:
                     return img.convert("RGB")
-                scale = min(1.0, max(fit) / max(width, height), min(fit) / min(width, height))
-                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                size = fitted_size(width, height, fit)
                 img.draft("RGB", size)  # JPEG: decode at a reduced size directly
                 picture = img.convert("RGB")
                 return picture if picture.size == size else picture.resize(size, Image.Resampling.BILINEAR)

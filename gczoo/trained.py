@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-from safetensors import safe_open
-
+from .fileio import safetensors_metadata
 from .hosted import CONVERTER_KEY
 
 __all__ = ["BUILD_ARGS_KEY", "metadata_of", "converter_of", "build_args_of"]
@@ -23,14 +22,11 @@ BUILD_ARGS_KEY = "gczoo_build_args"
 
 
 def metadata_of(path: os.PathLike) -> Dict[str, str]:
-    """The safetensors metadata of ``path`` (empty for another format or an unreadable header)."""
+    """The safetensors metadata of ``path`` (empty for another format); a header that lies is the named
+    error of :func:`gczoo.fileio.safetensors_metadata`."""
     if Path(path).suffix != ".safetensors":
         return {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # an unreadable file is reported by the loader that reads its tensors
-        return {}
+    return safetensors_metadata(path, "weights file")
 
 
 def converter_of(path: os.PathLike) -> Optional[str]:

@@ -522,14 +522,5 @@ def _stop_non_finite(log: RunLog, bar: tqdm, it: int, what: str, checkpoint: Pat
     raise NonFiniteLoss(f"{what}. Training stopped before writing anything; {kept}.")
 
 
-def freeze_stages(body: nn.Module, stages: int) -> None:
-    """mmdetection's ``frozen_stages``: no gradient for the stem (``stages >= 0``) and ``layer1..layerN``."""
-    if stages < 0:
-        return
-    for name, module in body.named_children():
-        if name in ("conv1", "bn1", "stem") or (name.startswith("layer") and name[5:].isdigit() and int(name[5:]) <= stages):
-            module.requires_grad_(False)
-
-
 def model_family(name: str) -> str:
     return model_entry(split_name(name)[0])["family"]

@@ -182,8 +182,8 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     long_side, short_side = args.scale or pipeline["resize"]
     build_args = {"num_classes": len(categories) + 1, "label_ids": categories, "min_size": short_side,
                   "max_size": long_side, **args.model_kwargs}
-    model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, **build_args)
-    common.freeze_stages(model.backbone.body, recipe.get("frozen_stages", -1))
+    model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, frozen_stages=recipe.get("frozen_stages", -1),
+                         **build_args)  # the recipe's frozen stages, by the detector's own builder
     image_ids = sorted(instances)
     digest = hashlib.sha256(annotations.read_bytes()).hexdigest()[:16] + ":" + common.file_list_digest(
         [folder / coco.imgs[i]["file_name"] for i in image_ids], folder)

@@ -43,7 +43,7 @@ from .gc_resnet import GCResNet
 from .mmdet_training import detector_losses
 from .mmdet_ops import (COCO_CATEGORIES, COCO_CATEGORY_IDS, MASK_THRESHOLD, MMDET_MEAN, MMDET_STD, DeformConv2dPack,
                         FrozenParamBatchNorm2d, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign, MMDetTransform,
-                        mmcv_rescale_size, resize_image)
+                        TEST_SCALE, mmcv_rescale_size, resize_image)
 
 __all__ = ["MMDetMaskRCNN", "MMDetCascadeMaskRCNN", "DetectorNetwork", "DetectorFeatures", "MMDET_HEAD_INIT", "build"]
 
@@ -100,7 +100,7 @@ class MMDetMaskRCNN(MaskRCNN):
                                  f"background): give one name per foreground class")
         roi_names = ["0", "1", "2", "3"]
         settings = dict(
-            min_size=800, max_size=1333, image_mean=list(MMDET_MEAN), image_std=list(MMDET_STD),
+            min_size=TEST_SCALE[1], max_size=TEST_SCALE[0], image_mean=list(MMDET_MEAN), image_std=list(MMDET_STD),
             rpn_anchor_generator=MMDetAnchorGenerator(), rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
             rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
             rpn_nms_thresh=0.7, box_roi_pool=MMDetRoIAlign(roi_names, 7), mask_roi_pool=MMDetRoIAlign(roi_names, 14),

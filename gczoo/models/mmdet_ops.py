@@ -46,7 +46,8 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching HAVE_OPENC
 __all__ = [
     "COCO_CATEGORIES", "COCO_CATEGORY_IDS", "MMDET_MEAN", "MMDET_STD", "FPN_STRIDES", "ROI_STRIDES", "MASK_THRESHOLD",
     "FrozenParamBatchNorm2d", "MMDetAnchorGenerator", "MMDetBoxCoder", "MMDetRoIAlign", "MMDetTransform",
-    "DeformConv2dPack", "mmcv_rescale_size", "resize_image", "paste_masks", "HAVE_OPENCV",
+    "DeformConv2dPack", "mmcv_rescale_size", "resize_image", "paste_masks", "HAVE_OPENCV", "TEST_SCALE",
+    "test_scale_kwargs",
 ]
 
 #: COCO category names indexed by category id ("__background__" at 0, "N/A" for unused ids), from
@@ -62,6 +63,16 @@ MMDET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 FPN_STRIDES = (4, 8, 16, 32, 64)
 ROI_STRIDES = (4, 8, 16, 32)
 MASK_THRESHOLD = 0.5
+#: The GCNet configs' test scale, (long side, short side): ``Resize(scale=(1333, 800), keep_ratio=True)``.
+TEST_SCALE = (1333, 800)
+
+
+def test_scale_kwargs(min_size: Optional[int]) -> Dict[str, int]:
+    """Detector build arguments for a shorter side of ``min_size`` px, the longer one capped in the ratio of
+    :data:`TEST_SCALE` (``{}`` for ``None``: the test scale itself)."""
+    if min_size is None:
+        return {}
+    return dict(min_size=min_size, max_size=round(min_size * TEST_SCALE[0] / TEST_SCALE[1]))
 #: Whether OpenCV is installed (``pip install gczoo[detection]``); without it images are resized in float.
 HAVE_OPENCV = cv2 is not None
 

@@ -20,6 +20,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The variable naming the folder of upstream's reference runners, the default of every bench's
+#: ``--oracle-dir``: ``mmdet_ckpt.py`` and ``mmdet_oracle/`` (mmdetection 3.3.0), ``mmseg_oracle/``
+#: (mmsegmentation 1.2.2), each running upstream's own configs and code on CPU. Unset: zoo rows only.
+ORACLES_ENV = "GCZOO_ORACLES"
+ORACLES_HELP = (f"folder of upstream's reference runners (mmdet_ckpt.py, mmdet_oracle/, mmseg_oracle/; default: "
+                f"${ORACLES_ENV}); without them the zoo is timed alone, and the output says so")
+
+
+def oracles_dir() -> Optional[Path]:
+    """``$GCZOO_ORACLES`` as a path, or ``None`` when it is unset."""
+    value = os.environ.get(ORACLES_ENV)
+    return Path(value) if value else None
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 

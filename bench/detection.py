@@ -40,7 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Worker, environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
+from bench.common import (ORACLES_ENV, ORACLES_HELP, Worker, environment_lines, interleaved_rounds, load_line,  # noqa: E402
+                          oracles_dir, ratio_stats)
 from bench.detection_worker import ROWS  # noqa: E402
 
 DEFAULT_ROWS = ("maskrcnn_resnet50_fpn_gc_r16", "cascade_maskrcnn_resnext101_32x4d_fpn",
@@ -83,15 +84,15 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", nargs="+", default=["800x1216", "480x640"], help="image sizes HxW")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--oracle-dir", default="/work/shared/oracles", help="folder of the mmdetection oracle scripts (mmdet_ckpt.py, mmdet_oracle/)")
+    ap.add_argument("--oracle-dir", type=Path, default=oracles_dir(), help=ORACLES_HELP)
     ap.add_argument("--oracle-python", default="/tmp/mmdet-oracle/venv/bin/python", help="the mmdetection oracle's venv")
     ap.add_argument("--workdir", help="where checkpoints and images go (reused if there; default: a temporary dir)")
     ap.add_argument("--zoo-kwargs", default="{}", help="JSON build arguments for the zoo model; zoo-only smoke runs")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both sides run")
     a = ap.parse_args(argv)
 
-    oracle_dir = Path(a.oracle_dir)
-    have_oracle = (oracle_dir / "mmdet_ckpt.py").is_file() and (oracle_dir / "mmdet_oracle" / "run.py").is_file() \
+    oracle_dir = a.oracle_dir
+    have_oracle = oracle_dir is not None and (oracle_dir / "mmdet_ckpt.py").is_file() and (oracle_dir / "mmdet_oracle" / "run.py").is_file() \
         and Path(a.oracle_python).is_file()
     if have_oracle and json.loads(a.zoo_kwargs):
         ap.error("--zoo-kwargs changes the zoo's model; it is for zoo-only runs (give a missing --oracle-dir)")
@@ -105,7 +106,8 @@ def main(argv=None) -> None:
         lines.append(f"oracle: {oracle_dir} with {a.oracle_python}; synthetic checkpoints from mmdet_ckpt.py, "
                      "image from mmdet_oracle/synth_image.py")
     else:
-        lines.append(f"oracle: NOT FOUND ({oracle_dir}/mmdet_ckpt.py, mmdet_oracle/run.py, {a.oracle_python}): "
+        lines.append(f"oracle: NOT FOUND ({oracle_dir or '$' + ORACLES_ENV}/mmdet_ckpt.py, mmdet_oracle/run.py, "
+                     f"{a.oracle_python}): "
                      "zoo rows only, random weights and a random image; no ratios")
     lines.append(f"rounds: {a.rounds} interleaved (after {a.warmup} warm-up per side and size); "
                  "timed in each worker from the uint8 image array to final boxes/scores/labels/binary masks at the "

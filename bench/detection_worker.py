@@ -3,7 +3,7 @@ answers single-image requests (JSON lines on stdin / stdout).
 
     python bench/detection_worker.py zoo --row ROW [--checkpoint CK.pth] [--zoo-kwargs JSON] [--device cuda] [--train]
     /tmp/mmdet-oracle/venv/bin/python bench/detection_worker.py mmdet --row ROW --checkpoint CK.pth \\
-        --oracle-dir ../shared/oracles [--train]
+        --oracle-dir $GCZOO_ORACLES [--train]
 
 ``zoo`` builds the row with :func:`gczoo.create_model` (the mmdetection-layout checkpoint through
 the zoo's own converter; random weights without one); ``mmdet`` builds mmdetection 3.3.0's own

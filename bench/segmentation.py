@@ -4,7 +4,7 @@ One command builds everything it needs in a temporary folder -- an mmsegmentatio
 checkpoint (``tests/mmseg_layout.py``, the file the parity tests use; mmsegmentation loads it
 strictly) and a deterministic normalised input -- then, per mode (whole image, sliding window)
 and model, starts two persistent workers (``bench/segmentation_worker.py``): the zoo in this
-venv and, when the mmsegmentation oracle is installed (``../shared/oracles/mmseg_oracle`` and
+venv and, when the mmsegmentation oracle is installed (``mmseg_oracle/`` in ``$GCZOO_ORACLES`` and
 its venv, ``/tmp/mmseg-oracle/venv`` or ``$MMSEG_ORACLE_ROOT/venv``), mmsegmentation in the
 oracle's venv. Both load the same checkpoint once and answer "run" requests in interleaved
 rounds (rotating order). One timed step is one inference from the normalised ``(1, 3, H, W)``
@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Worker, environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
+from bench.common import Worker, environment_lines, interleaved_rounds, load_line, oracles_dir, ratio_stats  # noqa: E402
 from bench.segmentation_worker import MEAN, STD  # noqa: E402
 from gczoo.models.segmentation import sliding_windows  # noqa: E402
 
@@ -46,10 +46,9 @@ HEADS = {"gcnet": "gc", "nonlocal": "nl"}
 
 
 def default_oracle_dir() -> Optional[Path]:
-    for candidate in (ROOT.parent / "shared" / "oracles" / "mmseg_oracle", Path("/work/shared/oracles/mmseg_oracle")):
-        if (candidate / "run.py").is_file():
-            return candidate
-    return None
+    """``mmseg_oracle/`` in ``$GCZOO_ORACLES`` (:data:`bench.common.ORACLES_ENV`), or ``None``."""
+    oracles = oracles_dir()
+    return None if oracles is None else oracles / "mmseg_oracle"
 
 
 def default_oracle_python() -> Path:
@@ -78,7 +77,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--oracle-dir", type=Path, default=default_oracle_dir())
+    ap.add_argument("--oracle-dir", type=Path, default=default_oracle_dir(),
+                    help="the mmseg_oracle folder (run.py; default: mmseg_oracle/ in $GCZOO_ORACLES)")
     ap.add_argument("--oracle-python", type=Path, default=default_oracle_python())
     ap.add_argument("--no-oracle", action="store_true", help="time the zoo alone")
     a = ap.parse_args(argv)

@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Worker, environment_lines, interleaved_rounds, load_line, ratio_stats  # noqa: E402
+from bench.common import (ORACLES_ENV, ORACLES_HELP, Worker, environment_lines, interleaved_rounds, load_line,  # noqa: E402
+                          oracles_dir, ratio_stats)
 from bench.detection import make_checkpoint, parse_size  # noqa: E402
 from bench.detection_worker import ROWS  # noqa: E402
 from bench.segmentation import synthetic_input  # noqa: E402
@@ -117,11 +118,11 @@ def bench_detection(a, workdir: Path, have_oracle: bool) -> str:
     try:
         common = ["--row", a.det_row, "--train"]
         if have_oracle:
-            ckpt = str(make_checkpoint(Path(a.oracle_dir), a.det_row, workdir))
+            ckpt = str(make_checkpoint(a.oracle_dir, a.det_row, workdir))
             workers["zoo"] = Worker(sys.executable, DET_WORKER, ["zoo", *common, "--checkpoint", ckpt,
                                                                  "--zoo-kwargs", json.dumps(zoo_kwargs)])
             workers["upstream"] = Worker(a.mmdet_python, DET_WORKER, ["mmdet", *common, "--checkpoint", ckpt,
-                                                                      "--oracle-dir", a.oracle_dir])
+                                                                      "--oracle-dir", str(a.oracle_dir)])
         else:
             workers["zoo"] = Worker(sys.executable, DET_WORKER, ["zoo", *common, "--zoo-kwargs", json.dumps(zoo_kwargs)])
         for worker in workers.values():
@@ -151,7 +152,7 @@ def bench_segmentation(a, workdir: Path, have_oracle: bool) -> str:
         workers["zoo"] = Worker(sys.executable, SEG_WORKER, ["--side", "zoo", *common])
         if have_oracle:
             workers["upstream"] = Worker(a.mmseg_python, SEG_WORKER, ["--side", "mmseg", "--oracle-dir",
-                                                                      str(Path(a.oracle_dir) / "mmseg_oracle"), *common])
+                                                                      str(a.oracle_dir / "mmseg_oracle"), *common])
         replies = _run(workers, {"cmd": "run"}, a.warmup, a.rounds)
         memory = {name: f"{wk.ask(cmd='memory')['peak_rss_increase_mib']:.0f} ({wk.ask(cmd='memory')['rss_loaded_mib']:.0f})"
                   for name, wk in workers.items()}
@@ -173,18 +174,17 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the segmentation workers")
-    ap.add_argument("--oracle-dir", default="/work/shared/oracles",
-                    help="the shared oracles (mmdet_ckpt.py, mmdet_oracle/, mmseg_oracle/)")
+    ap.add_argument("--oracle-dir", type=Path, default=oracles_dir(), help=ORACLES_HELP)
     ap.add_argument("--mmdet-python", default="/tmp/mmdet-oracle/venv/bin/python")
     ap.add_argument("--mmseg-python", default="/tmp/mmseg-oracle/venv/bin/python")
     ap.add_argument("--workdir", help="where checkpoints and batches go (default: a temporary dir)")
     ap.add_argument("--zoo-kwargs", default="{}", help="JSON build arguments for the zoo detector; zoo-only smoke runs")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    oracle_dir = Path(a.oracle_dir)
-    have = {"detection": (oracle_dir / "mmdet_ckpt.py").is_file() and (oracle_dir / "mmdet_oracle" / "run.py").is_file()
+    oracle_dir = a.oracle_dir
+    have = {"detection": oracle_dir is not None and (oracle_dir / "mmdet_ckpt.py").is_file() and (oracle_dir / "mmdet_oracle" / "run.py").is_file()
             and Path(a.mmdet_python).is_file(),
-            "segmentation": (oracle_dir / "mmseg_oracle" / "run.py").is_file() and Path(a.mmseg_python).is_file()}
+            "segmentation": oracle_dir is not None and (oracle_dir / "mmseg_oracle" / "run.py").is_file() and Path(a.mmseg_python).is_file()}
     if have["detection"] and json.loads(a.zoo_kwargs) and "detection" in a.families:
         ap.error("--zoo-kwargs changes the zoo's model; it is for zoo-only runs (give a missing --oracle-dir)")
 
@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     for family, upstream in (("detection", "mmdetection 3.3.0"), ("segmentation", "mmsegmentation 1.2.2")):
         if family in a.families:
             print(f"{family}: " + (f"{upstream} oracle at {oracle_dir} ({a.mmdet_python if family == 'detection' else a.mmseg_python})"
-                                   if have[family] else f"{upstream} oracle NOT FOUND under {oracle_dir}: zoo rows only"))
+                                   if have[family] else f"{upstream} oracle NOT FOUND under {oracle_dir or '$' + ORACLES_ENV}: zoo rows only"))
     print(f"rounds: {a.rounds} interleaved (after {a.warmup} warm-up per side); one step = forward with losses, "
           "backward, SGD step (fp32, train mode)")
     print("peak RSS: +MiB = the largest RSS a training iteration reached over the worker's RSS with the model loaded "

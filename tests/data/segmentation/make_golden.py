@@ -1,8 +1,8 @@
 """Regenerate the golden logits of tests/test_segmentation.py with mmsegmentation itself.
 
-    /tmp/mmseg-oracle/venv/bin/python tests/data/segmentation/make_golden.py [--oracle ../shared/oracles/mmseg_oracle]
+    /tmp/mmseg-oracle/venv/bin/python tests/data/segmentation/make_golden.py [--oracle $GCZOO_ORACLES/mmseg_oracle]
 
-Needs the mmsegmentation oracle (../shared/oracles/mmseg_oracle, mmsegmentation 1.2.2 on CPU); the
+Needs the mmsegmentation oracle (mmseg_oracle/ in $GCZOO_ORACLES: mmsegmentation 1.2.2 on CPU); the
 project's tests never run this. For each case it writes the checkpoint of
 ``tests/mmseg_layout.py`` and a small input, runs the oracle's ``run.py`` (strict load,
 ``EncoderDecoder.inference`` with the config's test_cfg; for the slide cases the config's crop 769
@@ -37,7 +37,9 @@ def golden_input(h, w):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--oracle", default=str(HERE.parents[2] / ".." / "shared" / "oracles" / "mmseg_oracle"))
+    oracles = os.environ.get("GCZOO_ORACLES")
+    ap.add_argument("--oracle", required=not oracles, default=oracles and os.path.join(oracles, "mmseg_oracle"),
+                    help="the mmseg_oracle folder (default: mmseg_oracle/ in $GCZOO_ORACLES)")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.oracle))

@@ -1,6 +1,6 @@
 """Regenerate the detection goldens of tests/test_training_parity.py with mmdetection itself.
 
-    /tmp/mmdet-oracle/venv/bin/python tests/data/training/make_detection_golden.py [--oracle ../shared/oracles/mmdet_oracle]
+    /tmp/mmdet-oracle/venv/bin/python tests/data/training/make_detection_golden.py [--oracle $GCZOO_ORACLES/mmdet_oracle]
 
 Needs the mmdetection oracle (mmdetection 3.3.0 on CPU); the project's tests never run this.
 Builds GCNet Mask R-CNN R50 r16 from mmdetection's own config, and the GCNet Cascade Mask R-CNN
@@ -92,7 +92,9 @@ def golden_batch():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--oracle", default=str(HERE.parents[2] / ".." / "shared" / "oracles" / "mmdet_oracle"))
+    oracles = os.environ.get("GCZOO_ORACLES")
+    ap.add_argument("--oracle", required=not oracles, default=oracles and os.path.join(oracles, "mmdet_oracle"),
+                    help="the mmdet_oracle folder (default: mmdet_oracle/ in $GCZOO_ORACLES)")
     ap.add_argument("--case", choices=sorted(CASES), default="maskrcnn")
     a = ap.parse_args()
     cascade = a.case == "cascade"

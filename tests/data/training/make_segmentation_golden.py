@@ -1,6 +1,6 @@
 """Regenerate the segmentation golden of tests/test_training_parity.py with mmsegmentation itself.
 
-    /tmp/mmseg-oracle/venv/bin/python tests/data/training/make_segmentation_golden.py [--oracle ../shared/oracles/mmseg_oracle]
+    /tmp/mmseg-oracle/venv/bin/python tests/data/training/make_segmentation_golden.py [--oracle $GCZOO_ORACLES/mmseg_oracle]
 
 Needs the mmsegmentation oracle (mmsegmentation 1.2.2 on CPU); the project's tests never run this.
 Builds GCNet R50-D8 from mmsegmentation's own Cityscapes 512x1024 config (SyncBN -> BN, the
@@ -42,7 +42,9 @@ def golden_batch():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--oracle", default=str(HERE.parents[2] / ".." / "shared" / "oracles" / "mmseg_oracle"))
+    oracles = os.environ.get("GCZOO_ORACLES")
+    ap.add_argument("--oracle", required=not oracles, default=oracles and os.path.join(oracles, "mmseg_oracle"),
+                    help="the mmseg_oracle folder (default: mmseg_oracle/ in $GCZOO_ORACLES)")
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.oracle))
     import run as oracle

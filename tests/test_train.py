@@ -149,21 +149,40 @@ def _edit_annotations(data: Path, edit) -> None:
     path.write_text(json.dumps(doc))
 
 
-def test_detection_trains_counts_dropped_boxes_and_loads(shapes, tmp_path):
+def test_detection_from_an_imagenet_backbone_follows_the_recipe_counts_dropped_boxes_and_loads(shapes, tmp_path):
+    """The paper's start (``--pretrained-backbone FILE``, a torchvision-layout ImageNet file) under the
+    BN recipe: the stem and stage 1 stay the file's, the other norms keep the file's statistics while
+    their affine weights train (``norm_eval=True``); the final weights load into the inference model."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
     data = _coco(shapes, tmp_path)
 
     def add_bad_boxes(doc):
         first = doc["annotations"][0]
         doc["annotations"] += [dict(first, id=900, bbox=[3, 3, 0, 5]), dict(first, id=901, iscrowd=1)]
     _edit_annotations(data, add_bad_boxes)
+    torch.manual_seed(0)
+    imagenet = ResNet(Bottleneck, [1, 1, 1, 1]).state_dict()
+    torch.save(imagenet, tmp_path / "resnet.pth")
     out = tmp_path / "det"
     done = run("train/detection.py", "--data", data, *DET_MODEL, *FAST, "--batch-size", 1, "--iterations", 1,
-               "--eval-limit", 1, "--out", out)
+               "--eval-limit", 1, "--out", out, "--pretrained-backbone", tmp_path / "resnet.pth", "--lr", 0.1,
+               "--model", "maskrcnn_resnet50_fpn_gc_r16.mmdet_1x_coco")  # the BN (norm_eval) recipe's tag
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     counts = log[0]["data"]
     assert counts["boxes_dropped_degenerate"] == 1 and counts["crowd_ignored"] == 1
     assert {"box_ap", "mask_ap"} <= set(log[-1]["metrics"])
+    from safetensors.torch import load_file
+
+    trained = load_file(out / "model.safetensors")
+    body = {k[len("backbone.body."):]: v for k, v in trained.items() if k.startswith("backbone.body.")}
+    assert not any(k.endswith("num_batches_tracked") for k in trained)
+    for key in ("conv1.weight", "bn1.weight", "layer1.0.conv2.weight", "layer1.0.bn3.bias",  # frozen_stages=1
+                "layer2.0.bn1.running_mean", "layer3.0.bn2.running_var"):  # norm_eval: statistics fixed
+        assert torch.equal(body[key], imagenet[key]), key
+    for key in ("layer2.0.conv1.weight", "layer2.0.bn1.weight", "layer4.0.bn3.bias"):  # trained
+        assert not torch.equal(body[key], imagenet[key]), key
     import gczoo
 
     model = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16", pretrained=True, num_classes=4, label_ids=[10, 20, 30],

@@ -19,6 +19,8 @@ from gczoo.models import mmdet_training
 from gczoo.models.mmdet_ops import COCO_CATEGORY_IDS
 
 from mmseg_layout import shared_state_dict
+from train import common
+from train import detection as train_detection
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "training"
 
@@ -44,8 +46,10 @@ def test_segmentation_losses_and_gradients_equal_mmsegmentation():
                                pretrained_cfg_overlay=dict(state_dict=shared_state_dict("gc", 50, 19))).train()
     model.backbone.requires_grad_(False)  # the heads' gradients suffice; a backbone backward costs seconds
     torch.manual_seed(golden["seed"])
-    assert golden["loss_weights"] == {"decode": 1.0, "aux": 0.4}  # the config's; 0.4 is the default aux_weight
-    losses = segmentation_losses(model(golden["input"]), golden["labels"].long())
+    recipe_name, recipe = common.recipe_for("gcnet_resnet50_d8.mmseg_cityscapes_512x1024_40k", None, "segmentation")
+    assert recipe["loss_weights"] == {f"loss_{k}": v for k, v in golden["loss_weights"].items()}  # the config's
+    losses = common.weighted_losses(segmentation_losses(model(golden["input"]), golden["labels"].long(), aux_weight=1.0),
+                                    recipe_name, recipe["loss_weights"])  # as train/segmentation.py weights them
     assert set(losses) == {"loss_decode", "loss_aux"}
     for key, ref in (("loss_decode", golden["loss_decode"]), ("loss_aux", golden["loss_aux"])):
         value = float(losses[key].detach())
@@ -105,7 +109,10 @@ def test_detection_losses_equal_mmdetection(case, monkeypatch):
     monkeypatch.setattr(model.rpn, "filter_proposals", lambda *args, **kwargs: (list(golden["proposals"]), None))
     ids = torch.tensor(COCO_CATEGORY_IDS)
     targets = [dict(t, labels=ids[t["labels"]]) for t in batch["targets"]]
-    losses = model([image.float() / 255 for image in batch["images"]], targets)
+    recipe_name, recipe = common.recipe_for(name, None, "detection")  # weighted as train/detection.py weights them
+    train_detection.set_stage_loss_weights(model, recipe_name, recipe)
+    losses = common.weighted_losses(model([image.float() / 255 for image in batch["images"]], targets), recipe_name,
+                                    recipe["loss_weights"])
     assert counts == [tuple(c) for c in golden["sampled"]]
     assert set(losses) == set(golden["losses"])
     for key, ref in golden["losses"].items():

@@ -7,7 +7,8 @@ it to :func:`train`, which owns everything else:
 * the **recipe** of the weights tag (manifest ``recipes``: SGD, warmup, schedule, loss weights),
   scaled to the run's total batch size by the linear scaling rule (Goyal et al. 2017): the
   learning rate by ``batch / recipe batch``, iteration counts (iteration schedules, warmup) by
-  its inverse, so the run sees as many samples at the same per-sample step size;
+  its inverse, so the run sees as many samples at the same per-sample step size; each loss a
+  step returns is multiplied by its ``loss_weights`` entry (the config's ``loss_weight``);
 * **data order and randomness as a function of (seed, iteration)**: the sample at position ``p``
   of the stream is ``permutation(seed, epoch)[p mod N]`` with ``epoch = p // N``, each sample's
   augmentation draws from ``numpy.random.default_rng((seed, iteration, position))``, and the
@@ -37,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,8 +98,13 @@ def make_parser(doc: str, *, task: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help=f"run folder: {CHECKPOINT}, {LOG}, {WEIGHTS}")
     parser.add_argument("--recipe", metavar="NAME", help=f"a {task} recipe of the manifest (default: the tag's)")
-    parser.add_argument("--pretrained", action="store_true", help="start from the tag's weights (default: the "
-                        "model's own initialisation)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--pretrained", action="store_true", help="start from the tag's weights, fine-tuning them "
+                       "(class layers that do not fit your classes are re-initialised)")
+    start.add_argument("--pretrained-backbone", nargs="?", const=True, default=False, metavar="FILE",
+                       help="start as the paper did: the ImageNet backbone the tag's upstream config names (manifest "
+                            "imagenet_start; FILE: a local copy of it), GC blocks as identity. Without either flag the "
+                            "model starts from its own random initialisation")
     parser.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                         help='extra create_model arguments, e.g. \'{"layers": [1, 1, 1, 1]}\' for a depth-reduced model')
     parser.add_argument("--batch-size", type=int, default=2, help="images per process (default 2, as the recipes)")
@@ -223,6 +230,19 @@ def scaled_schedule(recipe: dict, total_batch: int, iterations_per_epoch: int, a
                     warmup_factor=warmup.get("start_factor", 1.0), milestones=milestones,
                     gamma=sched.get("gamma", 0.1), poly_power=sched.get("poly_power"),
                     min_lr=sched.get("min_lr", 0.0) * scale)
+
+
+def weighted_losses(losses: Dict[str, torch.Tensor], recipe_name: str, weights: Dict[str, float]) -> Dict[str, torch.Tensor]:
+    """Each loss times the recipe's weight for it; a cascade's ``NAME_stageK`` losses take ``NAME``'s
+    weight (the stage weights are the model's ``roi_heads.stage_loss_weights``)."""
+    out = {}
+    for name, value in losses.items():
+        base = re.sub(r"_stage\d+$", "", name)
+        if base not in weights:
+            raise BadInput(f"recipe {recipe_name!r} has no loss weight for the model's loss {name!r} (it weights "
+                           f"{sorted(weights)}); pass a --recipe of this kind of model.")
+        out[name] = weights[base] * value
+    return out
 
 
 def eval_interval(recipe: dict, iterations_per_epoch: int, total_batch: int, args: argparse.Namespace) -> int:
@@ -438,7 +458,7 @@ def train(job: Job, args: argparse.Namespace, dist: Distributed) -> int:
             group["lr"] = lr
         torch.manual_seed(derived_seed(args.seed, it, dist.rank))
         with torch.autocast(device_type=dist.device.type, dtype=amp_dtype, enabled=amp):
-            losses = job.step(wrapped, batch)
+            losses = weighted_losses(job.step(wrapped, batch), job.recipe_name, job.recipe["loss_weights"])
         loss = sum(losses.values())
         values = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
         if dist.world_size > 1:

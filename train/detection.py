@@ -18,11 +18,17 @@ decoded are errors that name the annotation or file.
 **Recipe** (the tag's, manifest ``recipes``; mmdetection's GCNet 1x configs): SGD lr 0.02 for a
 total batch of 16, momentum 0.9, weight decay 1e-4, linear warmup over 500 iterations from 0.001,
 12 epochs with the rate x0.1 after epochs 8 and 11, all scaled to your total batch (see
-``train/common.py``); stem and stage 1 frozen (``frozen_stages=1``); keep-ratio resize to
-(1333, 800) (the model's own transform; ``--scale`` changes it, and is stored with the weights),
-horizontal flip 0.5. The losses are the model's own train-mode losses. The backbone's norm layers
-are those the model is built with (frozen BatchNorm): a recipe with SyncBN is followed only as far
-as the model's norm layers are trainable.
+``train/common.py``); keep-ratio resize to (1333, 800) (the model's own transform; ``--scale``
+changes it, and is stored with the weights), horizontal flip 0.5. The losses are the model's own
+train-mode losses (mmdetection's assigners, samplers and losses) times the recipe's
+``loss_weights`` (a cascade's stages also by its ``stage_loss_weights``).
+
+**Start and norms**: ``--pretrained-backbone`` starts as the paper did (the ImageNet ResNet the
+config names, GC blocks as identity), ``--pretrained`` fine-tunes the tag's detector. Either way
+the stem and stage 1 are frozen (``frozen_stages=1``) and the backbone norms follow the recipe:
+statistics frozen with the affine trained (``BN``, ``norm_eval=True``) or trained, synchronised
+under ``torchrun`` on GPUs (``SyncBN``). From a random start nothing is frozen and the norms train
+(frozen statistics of a random model are the identity, and its losses explode).
 """
 from __future__ import annotations
 
@@ -163,6 +169,17 @@ def make_evaluate(args: argparse.Namespace, categories: List[int], dist: common.
     return evaluate
 
 
+def set_stage_loss_weights(model, recipe_name: str, recipe: dict) -> None:
+    """A cascade's per-stage loss weights from the recipe (mmdetection's ``stage_loss_weights``)."""
+    weights, heads = recipe.get("stage_loss_weights"), model.roi_heads
+    if weights is None and not hasattr(heads, "stage_loss_weights"):
+        return
+    if weights is None or len(weights) != len(getattr(heads, "stage_loss_weights", ())):
+        raise BadInput(f"recipe {recipe_name!r} is for a {'cascade' if weights else 'single-stage'} RoI head, the "
+                       f"model's is not; pass a --recipe of this kind of model.")
+    heads.stage_loss_weights = tuple(float(w) for w in weights)
+
+
 def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     if common.model_family(args.model) != "maskrcnn":
         raise BadInput(f"{args.model} is not a detection model; `gczoo list 'maskrcnn*'` lists them.")
@@ -182,8 +199,11 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     long_side, short_side = args.scale or pipeline["resize"]
     build_args = {"num_classes": len(categories) + 1, "label_ids": categories, "min_size": short_side,
                   "max_size": long_side, **args.model_kwargs}
-    model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, frozen_stages=recipe.get("frozen_stages", -1),
-                         **build_args)  # the recipe's frozen stages, by the detector's own builder
+    from_file = bool(args.pretrained or args.pretrained_backbone)
+    model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, pretrained_backbone=args.pretrained_backbone,
+                         backbone_norm=("trainable" if recipe["norm"] == "syncbn" or not from_file else "frozen_stats"),
+                         frozen_stages=recipe.get("frozen_stages", -1) if from_file else -1, **build_args)
+    set_stage_loss_weights(model, recipe_name, recipe)
     image_ids = sorted(instances)
     digest = hashlib.sha256(annotations.read_bytes()).hexdigest()[:16] + ":" + common.file_list_digest(
         [folder / coco.imgs[i]["file_name"] for i in image_ids], folder)
@@ -191,7 +211,8 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
         name=f"{arch}.{tag}", model=model, dataset=DetectionTrainSet(coco, folder, image_ids, instances, pipeline["flip"]),
         collate=collate, step=make_step(dist.device), evaluate=make_evaluate(args, categories, dist),
         recipe_name=recipe_name, recipe=recipe, build_args=build_args, data_digest=digest,
-        num_samples=len(image_ids), counts=counts)
+        num_samples=len(image_ids), counts=counts,
+        keep_keys=lambda key: not key.endswith("num_batches_tracked"))  # the inference model's norms are frozen
     if dist.is_main:
         print(f"{annotations}: {counts}", file=sys.stderr, flush=True)
     return common.train(job, args, dist)

@@ -12,8 +12,9 @@ run's ``--scale``). ``--num-classes K`` for your own classes (label maps hold 0.
 **Recipe** (the tag's, manifest ``recipes``; mmsegmentation's GCNet configs): SGD momentum 0.9,
 weight decay 5e-4, lr 0.01 for a total batch of 8 (Cityscapes) or 16 (ADE20K), poly decay (power
 0.9) to 1e-4, 40k-160k iterations, all scaled to your total batch (see ``train/common.py``);
-decode-head cross-entropy plus 0.4 x the auxiliary FCN head's (``gczoo.losses``); SyncBN under
-``torchrun`` on GPUs. Augmentation: random resize of the recipe scale by 0.5-2.0 (keep ratio),
+decode-head cross-entropy plus 0.4 x the auxiliary FCN head's (``gczoo.losses``, weights from the
+recipe's ``loss_weights``); BatchNorm trained everywhere, SyncBN under ``torchrun`` on GPUs.
+``--pretrained-backbone`` starts as the paper did, from the ImageNet ResNet-V1c the config names. Augmentation: random resize of the recipe scale by 0.5-2.0 (keep ratio),
 random crop (``cat_max_ratio`` 0.75), flip 0.5, photometric distortion (``train/augment.py``);
 batches padded to the crop size (image 0 after normalisation, label 255).
 """
@@ -75,8 +76,9 @@ def collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def make_step(crop_size, mean: torch.Tensor, std: torch.Tensor, aux_weight: float, device: torch.device):
-    """Normalise, pad to the crop size (image 0 after normalisation, label 255), mmseg's losses."""
+def make_step(crop_size, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+    """Normalise, pad to the crop size (image 0 after normalisation, label 255), mmseg's losses
+    unweighted (``train/common.py`` applies the recipe's ``loss_weights``)."""
     def step(model, batch) -> Dict[str, torch.Tensor]:
         images, labels = batch
         height, width = max(crop_size[0], *(i.shape[1] for i in images)), max(crop_size[1], *(i.shape[2] for i in images))
@@ -86,7 +88,7 @@ def make_step(crop_size, mean: torch.Tensor, std: torch.Tensor, aux_weight: floa
             h, w = image.shape[1:]
             x[k, :, :h, :w] = (image.to(device).float() / 255 - mean) / std
             y[k, :h, :w] = label.to(device)
-        return segmentation_losses(model(x), y, ignore_index=seg_eval.IGNORE, aux_weight=aux_weight)
+        return segmentation_losses(model(x), y, ignore_index=seg_eval.IGNORE, aux_weight=1.0)
     return step
 
 
@@ -123,15 +125,15 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     pipeline = dict(recipe["pipeline"])
     pipeline.update({k: list(v) for k, v in (("scale", args.scale), ("crop_size", args.crop_size)) if v is not None})
     build_args = {"num_classes": num_classes, **args.model_kwargs}
-    model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, aux_loss=True, **build_args)
+    model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, pretrained_backbone=args.pretrained_backbone,
+                         aux_loss=True, **build_args)
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg["mean"], device=dist.device).reshape(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], device=dist.device).reshape(1, 3, 1, 1)
-    aux_weight = recipe.get("loss_weights", {}).get("aux", 0.4)
     images = [s.image for s in samples] + [s.label for s in samples]
     job = common.Job(
         name=f"{arch}.{tag}", model=model, dataset=SegmentationTrainSet(samples, num_classes, pipeline), collate=collate,
-        step=make_step(pipeline["crop_size"], mean, std, aux_weight, dist.device),
+        step=make_step(pipeline["crop_size"], mean, std, dist.device),
         evaluate=make_evaluate(dataset, root, num_classes, pipeline["scale"], args, dist),
         recipe_name=recipe_name, recipe=recipe, build_args=build_args,
         data_digest=common.file_list_digest(images, root), num_samples=len(samples),

@@ -85,7 +85,7 @@ for log in sorted(Path(sys.argv[1]).glob("*/full/log.jsonl")):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     start = next(r for r in rows if r["event"] == "start")
     steps = [r for r in rows if r["event"] == "train"]
-    print(f"{log.parent.parent.name}: {start['world_size']} x {start['device']}, total batch {start['total_batch']}, "
+    print(f"{log.parent.parent.name}: {start['device']}, total batch {start['total_batch']}, "
           f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}, {steps[-1]['seconds']:.1f} s for {steps[-1]['iteration']} iterations")
 EOF
     ;;

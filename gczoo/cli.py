@@ -8,6 +8,8 @@
 ``gczoo pin NAME.TAG [--confirm SHA256] [--also-from URL]`` maintainers: record each source's sha256
                                       when a second source or the maintainer confirms it
 ``gczoo publish NAME.TAG|--all --out DIR`` maintainers: write hub-ready repo folders (gczoo.publish)
+``gczoo publish --trained FILE --repo-name NAME --org ORG --out DIR [--metrics REPORT]`` the same for weights
+                                      trained by train/*.py
 ``gczoo analyze NAME[.TAG] IMAGE... --out DIR`` query independence of the NL/SNL/GC blocks (table, attention maps)
 ``gczoo export NAME[.TAG] --format F --out FILE`` ONNX / TorchScript / torch.export file, checked (gczoo.export)
 
@@ -170,18 +172,33 @@ def _pin(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    """Maintainers: write hub-ready repo folders (see gczoo.publish); uploading stays with `hf upload`."""
-    from .publish import hosted_source, publish, publish_all
+    """Maintainers: write hub-ready repo folders (see gczoo.publish); uploading stays with `hf upload`.
+    With ``--trained``: one folder for weights trained by train/*.py."""
+    from .publish import hosted_source, publish, publish_all, publish_trained
 
+    if args.trained is not None:
+        if args.name or args.all or args.checkpoint:
+            raise ValueError("--trained FILE publishes weights trained by train/*.py, whose metadata names the model: "
+                             "no NAME.TAG, --all or --checkpoint with it")
+        if not (args.repo_name and args.org):
+            raise ValueError("--trained needs --repo-name NAME and --org ORG: the hub repo ORG/NAME it is for")
+        folder = publish_trained(args.trained, args.out, args.repo_name, args.org, metrics=args.metrics or (),
+                                 overwrite=args.overwrite)
+        print(f"{folder}\n  upload: hf upload {args.org}/{folder.name} {folder} .\n"
+              f"  then: gczoo.create_model(\"hf-hub:{args.org}/{folder.name}\", pretrained=True)")
+        return 0
+    if args.repo_name or args.metrics:
+        raise ValueError("--repo-name and --metrics go with --trained FILE")
     if args.all == bool(args.name):
-        raise ValueError("publish takes NAME.TAG or --all")
+        raise ValueError("publish takes NAME.TAG, --all or --trained FILE")
     if args.all and args.checkpoint:
         raise ValueError("--checkpoint goes with one NAME.TAG, not --all")
-    folders = publish_all(args.out, org=args.org, overwrite=args.overwrite) if args.all else [
-        publish(args.name, args.out, checkpoint=args.checkpoint, org=args.org, overwrite=args.overwrite)]
+    org = args.org or "gczoo"
+    folders = publish_all(args.out, org=org, overwrite=args.overwrite) if args.all else [
+        publish(args.name, args.out, checkpoint=args.checkpoint, org=org, overwrite=args.overwrite)]
     for folder in folders:
-        print(f"{folder}\n  upload: hf upload {args.org}/{folder.name} {folder} .\n"
-              f"  then list it first among the tag's sources: {json.dumps(hosted_source(folder, args.org))}")
+        print(f"{folder}\n  upload: hf upload {org}/{folder.name} {folder} .\n"
+              f"  then list it first among the tag's sources: {json.dumps(hosted_source(folder, org))}")
     return 0
 
 
@@ -517,14 +534,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="a second host (http(s)://host[:port]; a hub endpoint for hub sources) to download each "
                         "source from again: a digest both hosts agree on is recorded")
     p.set_defaults(func=_pin)
-    p = sub.add_parser("publish", help="maintainers: write hub-ready model repo folders")
+    p = sub.add_parser("publish", help="maintainers: write hub-ready model repo folders (--trained: your own weights)",
+                       description="Write hub-ready model repo folders: a tag's verified upstream weights "
+                       "(NAME.TAG or --all, into OUT/NAME.TAG/), or weights trained by train/*.py (--trained FILE "
+                       "--repo-name NAME --org ORG, into OUT/NAME/).")
     p.add_argument("name", nargs="?", help="NAME.TAG")
     p.add_argument("--all", action="store_true", help="every tag gczoo builds")
-    p.add_argument("--out", type=Path, required=True, help="folder to write OUT/NAME.TAG/ into")
+    p.add_argument("--out", type=Path, required=True, help="folder to write OUT/NAME.TAG/ (or OUT/REPO_NAME/) into")
     p.add_argument("--checkpoint", type=Path, help="the upstream file, already downloaded (its sha256 is checked)")
-    p.add_argument("--org", default="gczoo", help="hub organisation named in the cards (default: gczoo)")
+    p.add_argument("--trained", type=Path, metavar="FILE",
+                   help="weights trained by train/detection.py or train/segmentation.py (their OUT/model.safetensors); "
+                        "the card says they were trained by the publisher")
+    p.add_argument("--repo-name", metavar="NAME", help="with --trained: the hub repo's name (the folder's too)")
+    p.add_argument("--metrics", type=Path, action="append", metavar="REPORT",
+                   help="with --trained: an eval/coco.py or eval/segmentation.py --json-out report of that file "
+                        "(repeatable); shown as measured by the publisher, beside the training run's own numbers")
+    p.add_argument("--org", help="hub organisation or user named in the cards (default: gczoo; required with --trained)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT/NAME.TAG/ even when it holds files publish did not write (they are deleted)")
+                   help="replace the repo folder even when it holds files publish did not write (they are deleted)")
     p.set_defaults(func=_publish)
     p = sub.add_parser("analyze", help="query independence of NL/SNL/GC blocks on images: table and attention maps")
     p.add_argument("name", help="NAME or NAME.TAG (weights: --checkpoint, --weights-file, the tag's, else random)")

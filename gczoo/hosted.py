@@ -4,7 +4,10 @@ A published repo holds ``config.json`` and ``model.safetensors`` in the zoo's la
 classifiers ``config.json`` is timm's hub layout (``architecture``, ``num_classes``,
 ``num_features``, ``pretrained_cfg``), so after ``import gczoo`` timm's own
 ``timm.create_model("hf-hub:ORG/REPO", pretrained=True)`` builds the model and the zoo's builder
-loads the weights; for the other families it names the zoo's architecture, family and tag.
+loads the weights; for the other families it names the zoo's architecture, family and tag, and for
+weights trained by the zoo's own scripts (``gczoo publish --trained``) the ``create_model`` arguments
+they were trained with (``model_args``: classes, label ids, test sizes, depth), each key checked by
+type and range (:data:`TRAINED_ARGS`).
 Weights always come through :func:`gczoo.weights.fetch_with_source` (gczoo's bounded download into
 the hub cache, offline rules, sha256 checked against the hub's LFS hash before the file enters the
 cache), never through an unverified path.
@@ -12,10 +15,10 @@ cache), never through an unverified path.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
-__all__ = ["PREFIX", "WEIGHTS_FILE", "CONVERTER_KEY", "split_repo", "read_config", "repo_of", "fetch_weights",
-           "create_model"]
+__all__ = ["PREFIX", "WEIGHTS_FILE", "CONVERTER_KEY", "TRAINED_ARGS", "split_repo", "config_problems", "read_config",
+           "repo_of", "fetch_weights", "create_model"]
 
 PREFIX = "hf-hub:"
 WEIGHTS_FILE = "model.safetensors"
@@ -31,12 +34,30 @@ MAX_CONFIG_BYTES = 64 << 10
 MAX_CLASSES = 21843
 #: Largest side of a repo's input size (timm's classifiers are evaluated at 1024 at most).
 _MAX_SIDE = 2048
+#: Most blocks a stage of a repo's ResNet may have (the deepest stage of ResNet-152 and -200: 36).
+_MAX_BLOCKS = 36
 
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9_.\-]{1,128}$"}
 _CLASSES = {"type": "integer", "minimum": 0, "maximum": MAX_CLASSES}
 _INPUT_SIZE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1, "maximum": _MAX_SIDE}}
 _RGB = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "number", "minimum": 0, "maximum": 1}}
 _TEXT = {"type": "string"}
+_SIDE = {"type": "integer", "minimum": 1, "maximum": _MAX_SIDE}
+#: The ``create_model`` arguments a repo of trained weights may carry (``model_args`` of the short form):
+#: the keys ``train/*.py`` records with the weights (:mod:`gczoo.trained`), nothing else.
+TRAINED_ARGS = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "num_classes": {"type": "integer", "minimum": 1, "maximum": MAX_CLASSES},
+        "label_ids": {"type": "array", "minItems": 1, "maxItems": MAX_CLASSES,
+                      "items": {"type": "integer", "minimum": 0, "maximum": (1 << 31) - 1}},
+        "min_size": _SIDE, "max_size": _SIDE,
+        "layers": {"type": "array", "minItems": 4, "maxItems": 4,
+                   "items": {"type": "integer", "minimum": 1, "maximum": _MAX_BLOCKS}},
+    },
+}
+#: Which of :data:`TRAINED_ARGS` each family's builder takes (the others take none).
+_FAMILY_ARGS = {"maskrcnn": frozenset(TRAINED_ARGS["properties"]), "segmentation": frozenset({"num_classes", "layers"})}
 #: What ``gczoo publish`` writes into ``config.json`` (see :mod:`gczoo.publish`), as a schema for
 #: :mod:`gczoo.manifest`'s validator: timm's hub layout for classifiers (keys of timm's
 #: ``save_config_for_hf``, ``model_args`` limited to what the zoo records), else the zoo's short
@@ -66,10 +87,11 @@ CONFIG_SCHEMA = {
                  "origin_url": _TEXT, "paper_name": _TEXT, "paper_ids": {"type": ["string", "array"], "items": _TEXT},
                  "notes": {"type": "array", "items": _TEXT}}}}},
         {"type": "object", "required": ["architecture", "family", "tag"], "additionalProperties": False,
-         "properties": {"architecture": _NAME, "family": _NAME, "tag": _NAME, "gczoo_version": _TEXT}},
+         "properties": {"architecture": _NAME, "family": _NAME, "tag": _NAME, "gczoo_version": _TEXT,
+                        "model_args": TRAINED_ARGS}},
     ]
 }
-#: Nesting of a valid config.json (pretrained_cfg.mean: 3 levels), with room.
+#: Nesting of a valid config.json (pretrained_cfg.mean, model_args.label_ids: 3 levels), with room.
 _MAX_CONFIG_DEPTH = 4
 
 
@@ -81,10 +103,40 @@ def split_repo(name: str) -> Tuple[str, str]:
     return repo, revision or "main"
 
 
+def _nesting_problem(config: Any) -> Optional[str]:
+    """Where ``config`` nests deeper than :data:`_MAX_CONFIG_DEPTH` (found without recursion; ``None``
+    stands for JSON too deep for Python's parser), or ``None`` when it does not."""
+    from .manifest import _too_deep
+
+    deep = _too_deep(config, _MAX_CONFIG_DEPTH) if config is not None else "(top level)"
+    return f"{deep} is nested more than {_MAX_CONFIG_DEPTH} levels deep" if deep else None
+
+
+def config_problems(config: Any) -> List[str]:
+    """What makes ``config`` (parsed ``config.json``) other than one :data:`CONFIG_SCHEMA` allows: nesting
+    too deep (alone, checked first), else each schema violation, then ``model_args`` its family's builder
+    does not take or that contradict each other. Empty: valid."""
+    from .manifest import _errors
+
+    nesting = _nesting_problem(config)
+    if nesting:
+        return [nesting]
+    problems = _errors(config, CONFIG_SCHEMA, CONFIG_SCHEMA, ())
+    args = config.get("model_args", {}) if not problems and "family" in config else {}
+    if args:
+        allowed = _FAMILY_ARGS.get(config["family"], frozenset())
+        problems += [f"model_args.{key}: not an argument of the {config['family']} family's models"
+                     f"{' (they take: ' + ', '.join(sorted(allowed)) + ')' if allowed else ''}"
+                     for key in sorted(set(args) - allowed)]
+        if "label_ids" in args and args.get("num_classes", len(args["label_ids"]) + 1) != len(args["label_ids"]) + 1:
+            problems.append(f"model_args.num_classes: {args['num_classes']} for {len(args['label_ids'])} label_ids "
+                            "(a detector counts them plus background)")
+    return problems
+
+
 def read_config(repo_id: str, revision: str = "main") -> dict:
-    """The repo's ``config.json``: at most :data:`MAX_CONFIG_BYTES`, valid against :data:`CONFIG_SCHEMA`,
+    """The repo's ``config.json``: at most :data:`MAX_CONFIG_BYTES`, valid by :func:`config_problems`,
     naming an architecture of this zoo; anything else is a :class:`gczoo.weights.WeightsError` naming the repo."""
-    from .manifest import _errors, _too_deep
     from .registry import UnknownModelError, list_models, model_entry
     from .weights import WeightsError, fetch_hub_file
 
@@ -102,14 +154,13 @@ def read_config(repo_id: str, revision: str = "main") -> dict:
         raise WeightsError(f"{label}: config.json is not valid JSON ({err})") from err
     except RecursionError:
         config = None  # nested deeper than Python's parser goes: reported as too deep below
-    deep = _too_deep(config, _MAX_CONFIG_DEPTH) if config is not None else "(top level)"
-    arch = config.get("architecture") if isinstance(config, dict) and not deep else None
+    nesting = _nesting_problem(config)
+    arch = config.get("architecture") if isinstance(config, dict) and not nesting else None
     if isinstance(arch, str) and arch not in list_models():  # another library's model: say so first
         raise UnknownModelError(
             f"{label}: config.json names the architecture {arch[:100]!r}, which this gczoo version does not have "
             f"(`gczoo list` shows them). Upgrade gczoo, or load the repo with the library that wrote it.")
-    problems = [f"{deep} is nested more than {_MAX_CONFIG_DEPTH} levels deep"] if deep else _errors(
-        config, CONFIG_SCHEMA, CONFIG_SCHEMA, ())
+    problems = [nesting] if nesting else config_problems(config)
     if problems:
         raise WeightsError(f"{label}: config.json is not one `gczoo publish` or timm's push_to_hf_hub writes for a "
                            f"zoo model; refused:\n  " + "\n  ".join(problems[:10]))
@@ -180,4 +231,5 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any):
             builder_module(family)
         return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
     cfg = {"tag": config.get("tag"), "hf_hub_id": f"{repo_id}@{revision}", "source": "hf-hub"}
+    kwargs = {**config.get("model_args", {}), **kwargs}  # trained weights: the classes (...) they were trained for
     return entrypoint(arch)(pretrained=pretrained, pretrained_cfg=cfg, **kwargs)

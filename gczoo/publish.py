@@ -13,6 +13,12 @@ The folder ``OUT/{arch}.{tag}`` holds
 * ``README.md``: the model card, with the hub's YAML metadata (built with huggingface_hub's
   ``ModelCardData``/``EvalResult``; ``model-index`` holds every published metric of the tag).
 
+``gczoo publish --trained FILE`` (:func:`publish_trained`) writes the same three files for weights
+trained by the zoo's own scripts (``train/*.py``): the file's tensors and training metadata after they
+load strictly into the model its metadata describes, ``config.json`` with the build arguments
+(``model_args``), and a card that says the publisher trained them, with the recipe and only the
+publisher's own numbers (the run's final evaluation, ``eval/*.py`` reports), marked as not verified.
+
 Output is deterministic: the same input gives byte-identical files (GC-block parameters a
 converter takes from the model's initialisation are drawn from a fixed seed; safetensors
 metadata is written in sorted order), so a published file's sha256 can be pinned.
@@ -21,14 +27,18 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import re
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
-__all__ = ["publish", "publish_all", "publishable", "PublishError", "PUBLISHED_FILES"]
+__all__ = ["publish", "publish_all", "publish_trained", "publishable", "read_trained", "PublishError",
+           "TrainedWeightsError", "TrainedKeysError", "EvalReportError", "PUBLISHED_FILES", "TRAINED_METADATA"]
 
 #: The files ``publish`` writes into a repo folder; a folder holding only these may be replaced.
 PUBLISHED_FILES = frozenset({"model.safetensors", "config.json", "README.md"})
@@ -132,21 +142,14 @@ def publish(name: str, out: os.PathLike, checkpoint: Optional[os.PathLike] = Non
                 "gczoo_converted_by": entry["converter"], "gczoo_converter": "new_head" if headless else "identity",
                 "gczoo_version": gczoo.__version__}
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
-    try:
+    def write(tmp: Path) -> None:
         _save_safetensors(tensors, tmp / "model.safetensors", metadata)
         _write_config(model, family, arch, tag, tmp / "config.json")
         card = _model_card(arch, tag, entry, family, metadata, org, verified,
                            sha256=weights.sha256_of(tmp / "model.safetensors"))
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        _check_destination(final, overwrite)  # again: minutes may have passed
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return _write_repo(out, final, overwrite, write)
 
 
 def publish_all(out: os.PathLike, org: str = "gczoo", names: Optional[Iterable[str]] = None,
@@ -168,12 +171,387 @@ def hosted_source(folder: os.PathLike, org: str = "gczoo") -> dict:
     from .weights import WeightsError, sha256_of
 
     folder = Path(folder)
-    converter = safetensors_metadata(folder / "model.safetensors", f"publish {folder.name}").get("gczoo_converter")
+    metadata = safetensors_metadata(folder / "model.safetensors", f"publish {folder.name}")
+    converter = metadata.get("gczoo_converter")
+    if "gczoo_trained_by" in metadata:
+        raise WeightsError(f"{folder / 'model.safetensors'} holds weights trained by the publisher "
+                           f"({metadata['gczoo_trained_by'][:40]}), not a tag's upstream weights: they load by their "
+                           "hf-hub: name, never as a source of the tag")
     if converter is None:
         raise WeightsError(f"{folder / 'model.safetensors'} was not written by `gczoo publish` (no gczoo_converter "
                            "in its metadata)")
     return {"type": "hf_hub", "repo_id": f"{org}/{folder.name}", "filename": "model.safetensors", "revision": "main",
             "format": "safetensors", "sha256": sha256_of(folder / "model.safetensors"), "converter": converter}
+
+
+# --------------------------------------------------------------------------- weights trained here
+
+
+class TrainedWeightsError(ValueError):
+    """A ``--trained`` file that cannot be published as weights trained by the zoo's scripts: not a
+    safetensors file, not written by ``train/*.py`` (an upstream or published file), or metadata that is
+    malformed or names an architecture, tag or recipe this gczoo does not have."""
+
+
+class TrainedKeysError(TrainedWeightsError):
+    """The trained tensors do not load strictly into the model their build arguments describe (names the keys)."""
+
+
+class EvalReportError(ValueError):
+    """A ``--metrics`` file that is not an ``eval/*.py --json-out`` report measuring the ``--trained`` file."""
+
+
+#: The safetensors metadata ``train/common.py:save_weights`` writes with trained weights, all required.
+TRAINED_METADATA = ("gczoo_converter", "gczoo_build_args", "gczoo_model", "gczoo_recipe", "gczoo_iterations",
+                    "gczoo_metrics", "gczoo_trained_by")
+#: Each training task of the manifest's recipes: (family of its models, training script, evaluation script).
+_TRAINING = {"detection": ("maskrcnn", "train/detection.py", "eval/coco.py"),
+             "segmentation": ("segmentation", "train/segmentation.py", "eval/segmentation.py")}
+#: model-index task of each family trained here: (task type, task name).
+_TRAINED_TASKS = {"maskrcnn": ("object-detection", "Object Detection"),
+                  "segmentation": ("image-segmentation", "Semantic Segmentation")}
+#: The metrics the evaluation code measures for trained models, with their names in cards.
+_MEASURED = {"box_ap": "box AP", "mask_ap": "mask AP", "miou": "mIoU", "miou_ms_flip": "mIoU (multi-scale + flip)",
+             "aacc": "aAcc"}
+#: Counts of evaluated samples that a training run records beside its metrics.
+_SAMPLE_COUNTS = ("val_images", "val_samples")
+#: Largest ``--metrics`` report read (a report of one segmentation run is a few KB).
+_MAX_REPORT_BYTES = 16 << 20
+#: A Hugging Face user, organisation or repo name.
+_HUB_NAME = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class TrainedFile:
+    """A weights file of ``train/*.py`` with its metadata checked (:func:`read_trained`)."""
+
+    path: Path
+    sha256: str
+    arch: str
+    tag: str
+    family: str
+    recipe_name: str
+    recipe: dict
+    build_args: dict
+    iterations: int
+    metrics: dict
+    metadata: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+    @property
+    def scripts(self) -> Tuple[str, str]:
+        """(training script, evaluation script) of the file's task."""
+        return _TRAINING[self.recipe["task"]][1:]
+
+
+def read_trained(path: os.PathLike) -> TrainedFile:
+    """The metadata of a weights file written by ``train/*.py``, checked: every key of
+    :data:`TRAINED_METADATA`, valid JSON where JSON is stored, an architecture, tag and recipe of this
+    gczoo that belong together. Anything else is a :class:`TrainedWeightsError` naming the file."""
+    from safetensors import safe_open
+
+    from .hosted import CONVERTER_KEY
+    from .manifest import load_manifest
+    from .registry import UnknownModelError, model_entry, split_name, weights_entry
+    from .trained import BUILD_ARGS_KEY
+    from .weights import sha256_of
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainedWeightsError(f"--trained {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as err:  # safetensors' own SafetensorError for anything that is not its format
+        raise TrainedWeightsError(f"--trained {path} is not a safetensors file ({type(err).__name__}: {err}); "
+                                  "train/detection.py and train/segmentation.py write OUT/model.safetensors") from None
+    if "gczoo_trained_by" not in meta:
+        if "gczoo_upstream" in meta:
+            what = (f"was written by `gczoo publish` from the upstream file {meta['gczoo_upstream'][:200]}, not "
+                    "trained here; publish upstream weights by their tag: `gczoo publish NAME.TAG`")
+        else:
+            what = ("has no gczoo training metadata (gczoo_trained_by), so it was not written by train/*.py; "
+                    "publish upstream weights by their tag: `gczoo publish NAME.TAG [--checkpoint FILE]`")
+        raise TrainedWeightsError(f"--trained {path} {what}")
+    missing = [k for k in TRAINED_METADATA if k not in meta]
+    if missing:
+        raise TrainedWeightsError(f"--trained {path}: its training metadata lacks {', '.join(missing)} "
+                                  "(train/common.py:save_weights writes all of them)")
+    if meta[CONVERTER_KEY] != "identity":
+        raise TrainedWeightsError(f"--trained {path}: metadata {CONVERTER_KEY} is {meta[CONVERTER_KEY][:60]!r}; "
+                                  "trained weights are the model's own state dict ('identity')")
+    build_args, metrics = (_metadata_json(path, meta, key) for key in (BUILD_ARGS_KEY, "gczoo_metrics"))
+    bad = [k for k, v in metrics.items() if not (re.match(r"^[a-z0-9_]{1,40}$", k) and _is_number(v))]
+    if bad or len(metrics) > 32:
+        raise TrainedWeightsError(f"--trained {path}: metadata gczoo_metrics must map at most 32 names (a-z, 0-9, _) "
+                                  "to numbers, "
+                                  f"got {json.dumps(metrics)[:120]}")
+    if not meta["gczoo_iterations"].isdigit() or int(meta["gczoo_iterations"]) < 1:
+        raise TrainedWeightsError(f"--trained {path}: metadata gczoo_iterations is {meta['gczoo_iterations'][:40]!r}, "
+                                  "not a positive whole number")
+    arch, tag = split_name(meta["gczoo_model"])
+    try:
+        family = model_entry(arch)["family"]
+        if tag is None:
+            raise UnknownModelError("no weights tag")
+        tag, _ = weights_entry(arch, tag)
+    except UnknownModelError as err:
+        raise TrainedWeightsError(f"--trained {path}: metadata gczoo_model names {meta['gczoo_model'][:100]!r}, not a "
+                                  f"NAME.TAG of this gczoo version ({err}); `gczoo list --pretrained` lists them") from None
+    recipes = load_manifest().get("recipes", {})
+    recipe_name = meta["gczoo_recipe"]
+    if recipe_name not in recipes:
+        raise TrainedWeightsError(f"--trained {path}: metadata gczoo_recipe names {recipe_name[:100]!r}, not a recipe of "
+                                  f"this gczoo version ({', '.join(recipes)})")
+    recipe = recipes[recipe_name]
+    expected_family, script, _ = _TRAINING[recipe["task"]]
+    if family != expected_family or meta["gczoo_trained_by"] != script:
+        raise TrainedWeightsError(f"--trained {path}: its metadata does not hold together: {arch} (family {family}) "
+                                  f"trained by {meta['gczoo_trained_by'][:60]!r} with the {recipe['task']} recipe "
+                                  f"{recipe_name} (written by {script} for {expected_family} models)")
+    return TrainedFile(path=path, sha256=sha256_of(path), arch=arch, tag=tag, family=family, recipe_name=recipe_name,
+                       recipe=recipe, build_args=build_args, iterations=int(meta["gczoo_iterations"]), metrics=metrics,
+                       metadata={k: meta[k] for k in TRAINED_METADATA})
+
+
+def publish_trained(checkpoint: os.PathLike, out: os.PathLike, repo_name: str, org: str,
+                    metrics: Iterable[os.PathLike] = (), overwrite: bool = False) -> Path:
+    """Write ``out/{repo_name}`` for weights trained by ``train/*.py`` (``checkpoint``); return the folder.
+
+    The file is checked first (:func:`read_trained`): a file of the zoo's training scripts, and its tensors
+    load strictly (every key, every shape) into the model built as its metadata says (``create_model(
+    gczoo_model, **gczoo_build_args)``; else :class:`TrainedKeysError` naming the keys). ``metrics`` are
+    ``eval/*.py --json-out`` reports of this very file (matched by sha256), shown beside the numbers the
+    training run measured itself; all are marked as the publisher's, not verified by gczoo.
+
+    ``model.safetensors`` holds the same tensors with the training metadata (plus the trained file's sha256
+    and the gczoo version), bytes deterministic; ``config.json`` the zoo's short form with the build
+    arguments as ``model_args`` (checked by :func:`gczoo.hosted.config_problems`, as loading will), so
+    ``gczoo.create_model("hf-hub:{org}/{repo_name}", pretrained=True)`` rebuilds the trained model.
+    The folder rules are :func:`publish`'s.
+    """
+    import gczoo
+
+    from .hosted import config_problems
+    from .weights import sha256_of
+
+    for value, flag in ((org, "--org"), (repo_name, "--repo-name")):
+        if not isinstance(value, str) or not _HUB_NAME.match(value):
+            raise ValueError(f"{flag} {str(value)[:100]!r} is not a Hugging Face name (letters, digits, '-', '_', '.'; "
+                             "at most 96; no '--' or '..'; starting and ending with a letter or digit)")
+    out = Path(out)
+    final = out / repo_name
+    _check_destination(final, overwrite)
+    trained = read_trained(checkpoint)
+    measured = ([_run_measurement(trained)] if set(trained.metrics) - set(_SAMPLE_COUNTS) else []) + [
+        m for report in metrics for m in _report_measurements(Path(report), trained)]
+    config = {"architecture": trained.arch, "family": trained.family, "tag": trained.tag,
+              "gczoo_version": gczoo.__version__, "model_args": trained.build_args}
+    problems = config_problems(config)
+    if problems:
+        raise TrainedWeightsError(f"--trained {trained.path}: its build arguments cannot go into a hub config.json, "
+                                  f"which carries only what train/*.py records: {'; '.join(problems[:5])}")
+    tensors = _verified_tensors(trained)
+    metadata = {**trained.metadata, "format": "pt", "gczoo_trained_sha256": trained.sha256,
+                "gczoo_version": gczoo.__version__}
+
+    def write(tmp: Path) -> None:
+        _save_safetensors(tensors, tmp / "model.safetensors", metadata)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        card = _trained_card(trained, measured, org, repo_name, sha256_of(tmp / "model.safetensors"))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+
+    return _write_repo(out, final, overwrite, write)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metadata_json(path: Path, meta: dict, key: str) -> dict:
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise TrainedWeightsError(f"--trained {path}: metadata {key} is not JSON ({type(err).__name__}: "
+                                  f"{str(err)[:100]})") from None
+    if not isinstance(value, dict):
+        raise TrainedWeightsError(f"--trained {path}: metadata {key} is {json.dumps(value)[:80]}, not a JSON object")
+    return value
+
+
+def _verified_tensors(trained: TrainedFile) -> dict:
+    """The file's tensors, after they loaded strictly into the model its metadata describes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .registry import create_model
+
+    try:
+        tensors = load_file(str(trained.path))
+    except Exception as err:  # a header whose offsets lie
+        raise TrainedWeightsError(f"--trained {trained.path}: its tensors cannot be read ({type(err).__name__}: "
+                                  f"{err})") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        try:
+            model = create_model(trained.name, **trained.build_args)
+        except (TypeError, ValueError) as err:
+            raise TrainedWeightsError(f"--trained {trained.path}: {trained.name} cannot be built with its build "
+                                      f"arguments {json.dumps(trained.build_args)[:200]} ({err})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k} (file {list(tensors[k].shape)}, model {list(expected[k].shape)})"
+              for k in sorted(set(tensors) & set(expected)) if tensors[k].shape != expected[k].shape]
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+    if problems:
+        raise TrainedKeysError(f"--trained {trained.path} does not fit {trained.name} built with "
+                               f"{json.dumps(trained.build_args)[:200]}: keys {'; '.join(problems)}")
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise TrainedWeightsError(f"--trained {trained.path}: NaN or infinite values in {', '.join(sorted(broken)[:5])}")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise TrainedKeysError(f"--trained {trained.path} does not load into {trained.name}: "
+                               f"{' '.join(str(err).split())[:300]}") from None
+    return tensors
+
+
+def _run_measurement(trained: TrainedFile) -> dict:
+    """The training run's own final evaluation, as a measurement for the card."""
+    script, evaluate = trained.scripts
+    samples = next((trained.metrics[k] for k in _SAMPLE_COUNTS if k in trained.metrics), None)
+    return {"by": f"the training run's final evaluation ({script}, with {evaluate}'s code)",
+            "data": "the val split of the training data", "samples": samples, "protocol": "",
+            "metrics": {k: v for k, v in trained.metrics.items() if k not in _SAMPLE_COUNTS}}
+
+
+def _report_measurements(path: Path, trained: TrainedFile) -> List[dict]:
+    """The results of an ``eval/*.py --json-out`` report that measured the trained file (by its sha256)."""
+    _, evaluate = trained.scripts
+    if not path.is_file():
+        raise EvalReportError(f"--metrics {path}: no such file")
+    if path.stat().st_size > _MAX_REPORT_BYTES:
+        raise EvalReportError(f"--metrics {path}: {path.stat().st_size} bytes, more than an evaluation report "
+                              f"needs ({_MAX_REPORT_BYTES}); refused unread")
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise EvalReportError(f"--metrics {path} is not JSON ({type(err).__name__}: {str(err)[:100]})") from None
+    results = report.get("results") if isinstance(report, dict) else None
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise EvalReportError(f"--metrics {path} is not a report of {evaluate} --json-out (no list of results)")
+    mine = [r for r in results if r.get("weights_sha256") == trained.sha256]
+    if not mine:
+        seen = sorted({str(r.get("weights_sha256"))[:64] for r in results})
+        raise EvalReportError(
+            f"--metrics {path} holds no result for {trained.path.name} (sha256 {trained.sha256}); it measured "
+            f"{', '.join(seen[:3]) or 'nothing'}. Evaluate the trained file itself: {evaluate} --model "
+            f"{trained.name} --checkpoint {trained.path} --data DIR --json-out {path.name}")
+    task_type = _TRAINED_TASKS[trained.family][0]
+    measured = []
+    for r in mine:
+        task, numbers = r.get("task"), {k: r[k] for k in _MEASURED if _is_number(r.get(k))}
+        if r.get("model") != trained.arch or task not in _TASKS or _TASKS[task][0] != task_type or not numbers:
+            raise EvalReportError(f"--metrics {path}: its result for {trained.path.name} is not a {task_type} "
+                                  f"measurement of {trained.arch} (model {str(r.get('model'))[:60]!r}, task "
+                                  f"{str(task)[:60]!r}, metrics {', '.join(numbers) or 'none'})")
+        protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
+        limit = r.get("limit") if _is_number(r.get("limit")) else None
+        measured.append({
+            "by": f"{evaluate} (report {path.name})" + (f", first {limit} samples only (--limit)" if limit else ""),
+            "data": f"the data given to {evaluate} --data (task label {task})",
+            "samples": r.get("samples") if _is_number(r.get("samples")) else None,
+            "protocol": "; ".join(f"{k}: {json.dumps(v)}" for k, v in protocol.items())[:300], "metrics": numbers})
+    return measured
+
+
+def _schedule(recipe: dict) -> str:
+    sched, warmup = recipe["schedule"], recipe.get("warmup")
+    if "epochs" in sched:
+        text = (f"{sched['epochs']} epochs, learning rate x{sched['gamma']} at epochs "
+                f"{' and '.join(map(str, sched['milestones'])) or 'none'}")
+    else:
+        text = f"{sched['iterations']} iterations, poly decay (power {sched['poly_power']}) to {sched['min_lr']}"
+    if warmup:
+        text += f"; linear warmup over {warmup['iterations']} iterations from {warmup['start_factor']} of the rate"
+    return text
+
+
+def _value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if math.isfinite(value) else f"not a number ({value})"
+    return str(value)
+
+
+def _trained_card(trained: TrainedFile, measured: List[dict], org: str, repo_name: str, sha256: str) -> str:
+    """The model card of trained weights: who trained them and how, and only the publisher's own numbers."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    import gczoo
+
+    from .manifest import load_manifest
+    from .registry import model_entry, weights_entry
+
+    repo, (task_type, task_name) = f"{org}/{repo_name}", _TRAINED_TASKS[trained.family]
+    script, evaluate = trained.scripts
+    recipe, opt = trained.recipe, trained.recipe["optimizer"]
+    source_name = "measured by the publisher (not verified by gczoo)"
+    results = [EvalResult(task_type=task_type, task_name=task_name, dataset_type="custom",
+                          dataset_name=f"{m['data']}" + (f", {m['samples']} samples" if m["samples"] else ""),
+                          dataset_split="validation", metric_type=key, metric_name=_MEASURED[key], metric_value=value,
+                          source_name=f"{source_name}: {m['by']}", source_url=f"{_HF}/{repo}", verified=False)
+               for m in measured for key, value in m["metrics"].items() if key in _MEASURED and math.isfinite(value)]
+    data = ModelCardData(library_name="gczoo", pipeline_tag=task_type, model_name=repo_name, eval_results=results or None,
+                         tags=["gczoo", "gcnet", "global-context", task_type, "trained-with-gczoo"])
+    args = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in trained.build_args.items()) or "none (the tag's own)"
+    lines = [f"# {repo_name}", "",
+             f"**These weights were trained by the publisher with gczoo's training script (`{script}`).** They are "
+             "not weights published upstream by the GCNet, mmdetection or mmsegmentation authors, and gczoo has not "
+             "verified how they perform: every number below is the publisher's own.", "",
+             "## Model and training", "",
+             f"- architecture: `{trained.arch}`: {model_entry(trained.arch)['summary']}",
+             f"- built as `{trained.name}`, the zoo tag whose recipe the run followed (and whose weights it started "
+             "from if it was run with `--pretrained`; the file does not record which)",
+             f"- build arguments: {args}",
+             f"- recipe `{trained.recipe_name}` ({recipe['task']}): {recipe['source']}",
+             f"- schedule: {_schedule(recipe)}",
+             f"- optimizer: SGD, learning rate {opt['lr']}, momentum {opt['momentum']}, weight decay "
+             f"{opt['weight_decay']}, for a total batch of {recipe['batch_size']} images (`{script}` scales the "
+             "learning rate and iteration counts linearly to the run's own batch); normalisation: "
+             f"{recipe['norm']}",
+             f"- iterations run: {trained.iterations}", ""]
+    lines += ["## Results", ""]
+    if measured:
+        lines += [f"Measured by the publisher (not verified by gczoo); also in the `model-index` above, with the "
+                  "publisher's evaluation as their source.", "",
+                  "| metric | value | data | samples | measured by | protocol |", "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in (
+            _MEASURED.get(key, key), _value(value), m["data"], m["samples"] or "not recorded", m["by"],
+            m["protocol"] or "-")) + " |" for m in measured for key, value in m["metrics"].items()]
+    else:
+        lines += ["No metrics were measured for these weights: the training run had no val split, and no evaluation "
+                  f"report was given. Measure them with `{evaluate} --model {trained.name} --checkpoint "
+                  "model.safetensors --data DIR`."]
+    _, entry = weights_entry(trained.arch, trained.tag)
+    lines += ["", "## Usage", "", "```python", "import gczoo", "",
+              f'model = gczoo.create_model("hf-hub:{repo}", pretrained=True)  # built with the arguments above',
+              "```", "",
+              "## Provenance", "",
+              f"- trained file: sha256 `{trained.sha256}`, written by `{script}`",
+              f"- `model.safetensors`: the same tensors and training metadata, sha256 `{sha256}`, written by "
+              f"`gczoo publish --trained` (gczoo {gczoo.__version__}) after checking that they load strictly into "
+              f"`{trained.name}` built with the build arguments",
+              f"- license: the publisher's choice; weights trained from `{trained.name}` (`--pretrained`) derive from "
+              f"weights under {entry['license']}", "",
+              "## Upload (the publisher)", "", "```bash", f"hf upload {repo} {repo_name} .", "```", "",
+              "## Citation", "", "```bibtex", load_manifest()["citation"], "```", ""]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -193,6 +571,22 @@ def _check_destination(final: Path, overwrite: bool) -> None:
             shown = ", ".join(foreign[:5]) + (f" ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
             raise PublishError(f"{final} holds files publish did not write ({shown}); publish would delete them. "
                                "Move them away, choose another --out, or pass --overwrite to replace the folder")
+
+
+def _write_repo(out: Path, final: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` fills a fresh folder beside ``final``, which then replaces ``final`` (checked by
+    :func:`_check_destination` again: minutes may have passed); nothing half-written is ever left."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
+    try:
+        write(tmp)
+        _check_destination(final, overwrite)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _upstream_sha256(path: Path) -> str:

@@ -5,7 +5,10 @@ Families:
 * ``gc_resnet`` -- architectures built by :mod:`gczoo.models.gc_resnet`; registered with timm
   (``timm.create_model`` works after ``import gczoo``) with their pretrained cfgs as data.
 * ``timm`` -- timm's own GC models, listed here with their weights and published numbers
-  and built by timm.
+  and built by timm. Local weights for them (``pretrained_cfg_overlay=dict(file=...)`` or
+  ``state_dict=...``, a ``pretrained_cfg`` dict with a file, ``checkpoint_path=``) are read and checked
+  as the zoo's own: through ``gczoo.create_model`` and, after ``import gczoo``, ``timm.create_model``
+  (:func:`guard_timm_family`).
 * ``maskrcnn`` -- detection models built by :mod:`gczoo.models.detection` (not timm models).
 * ``slowonly`` -- Kinetics video models built by :mod:`gczoo.models.video` (not timm models).
 
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
 import logging
 import warnings
+from collections.abc import Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
@@ -28,7 +33,7 @@ if TYPE_CHECKING:  # torch and timm are imported where a model is built, so list
     import torch
 
 __all__ = ["create_model", "list_models", "split_name", "model_entry", "weights_entry", "check_name",
-           "entrypoint", "pretrained_tag", "builder_module", "UnknownModelError", "TIMM_FAMILIES"]
+           "entrypoint", "pretrained_tag", "builder_module", "guard_timm_family", "UnknownModelError", "TIMM_FAMILIES"]
 
 _logger = logging.getLogger(__name__)
 #: ``arch.tag`` of backbone weights whose new classifier head was already warned about (once per process).
@@ -257,7 +262,8 @@ def register_timm_models(module_name: str, family: str) -> None:
     """Register every ``family`` architecture of the manifest with timm, from ``module_name``.
 
     A name timm already has from one of its own modules is left to timm, with a warning:
-    the zoo never replaces timm's models.
+    the zoo never replaces timm's models. timm's own builders of the ``timm`` family are guarded
+    here too (:func:`guard_timm_family`): this runs whenever timm is imported after gczoo.
     """
     import timm
     from timm.models import register_model
@@ -270,6 +276,145 @@ def register_timm_models(module_name: str, family: str) -> None:
             _logger.warning("timm already has a model named %s; gczoo keeps timm's.", arch)
             continue
         register_model(entrypoint(arch))
+    guard_timm_family()
+
+
+#: Attribute of a guarded timm builder holding timm's own builder (:func:`guard_timm_family`).
+_UNGUARDED = "_gczoo_unguarded"
+#: Builder arguments under which timm adapts the weights it loads (feature wrappers, input channels):
+#: left out of the reference model that local weights are checked against.
+_ADAPTED_BY_TIMM = ("features_only", "out_indices", "feature_cls", "feature_cfg", "in_chans")
+
+
+class _CheckedStateDict(dict):
+    """A state dict :func:`_checked_timm_weights` has checked: a guarded builder does not check it again."""
+
+
+def guard_timm_family() -> None:
+    """Guard timm's own builders of the manifest's ``timm`` family (idempotent).
+
+    timm keeps its models and builders; a guarded builder only hands local weights (a ``file`` or
+    ``state_dict`` in ``pretrained_cfg_overlay`` or a ``pretrained_cfg`` dict) to the zoo first, so that
+    ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` reads and checks
+    them as ``gczoo.create_model`` does (:func:`_checked_timm_weights`) instead of through timm's loader.
+    """
+    from timm.models import _registry
+
+    builders = getattr(_registry, "_model_entrypoints", None)
+    if not isinstance(builders, dict):  # another timm layout: gczoo.create_model still checks its own loads
+        _logger.warning("gczoo cannot guard timm's builders of its timm family in this timm version; load local "
+                        "weights for them through gczoo.create_model")
+        return
+    for arch, model in _manifest()["models"].items():
+        build = builders.get(arch)
+        if model["family"] == "timm" and build is not None and not hasattr(build, _UNGUARDED):
+            builders[arch] = _guarded(arch, build)
+
+
+def _guarded(arch: str, build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    """timm's builder ``build`` of ``arch``, with local weights checked by the zoo before timm loads them."""
+
+    @functools.wraps(build)
+    def guarded(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+        if pretrained:
+            kwargs = _checked_timm_weights(arch, build, kwargs)
+        net = build(pretrained=pretrained, **kwargs)
+        for cfg in {id(c): c for c in (getattr(net, "pretrained_cfg", None), getattr(net, "default_cfg", None))
+                    if isinstance(c, dict)}.values():  # timm keeps the overlay: not a second copy of the weights
+            if isinstance(cfg.get("state_dict"), _CheckedStateDict):
+                del cfg["state_dict"]
+        return net
+
+    setattr(guarded, _UNGUARDED, build)
+    return guarded
+
+
+def _timm_builder(arch: str) -> Callable[..., torch.nn.Module]:
+    """timm's own builder of ``arch`` (not the guarded one)."""
+    from timm.models import model_entrypoint
+
+    build = model_entrypoint(arch)
+    return getattr(build, _UNGUARDED, build)
+
+
+def _checked_timm_weights(arch: str, build: Callable[..., torch.nn.Module], kwargs: dict,
+                          tag: Optional[str] = None, converter: Optional[str] = None) -> dict:
+    """``kwargs`` of timm's builder ``build`` of ``arch``, its local weights read and checked as the zoo's own.
+
+    Local weights are timm's ``file`` or ``state_dict`` of ``pretrained_cfg_overlay`` (or of a dict or
+    ``PretrainedCfg`` passed as ``pretrained_cfg``). A file is read by :func:`gczoo.weights.load_checkpoint`
+    (safetensors, or a pickle through ``torch.load(weights_only=True)`` after the archive check); the tensors
+    go through ``converter`` (default: the file's own, else the tag's) and the zoo's strict check
+    (:func:`gczoo.convert.filter_fn`: keys, shapes, dtype kinds, finite values) against ``arch`` built the same
+    way without weights, and reach timm as the overlay's state dict. A ``local-dir`` source (timm picks a
+    file in a folder) is refused; without local weights (timm's own download, a hub repo) ``kwargs`` are
+    returned as they are.
+    """
+    import torch
+
+    from . import convert, trained, weights
+
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = kwargs.get("pretrained_cfg")
+    get = cfg.get if isinstance(cfg, dict) else (lambda key: None) if cfg is None or isinstance(cfg, str) else \
+        (lambda key: getattr(cfg, key, None))
+
+    def field(key: str) -> Any:  # timm lays the overlay over the cfg
+        return overlay[key] if key in overlay else get(key)
+
+    source, file, state_dict = field("source"), field("file"), field("state_dict")
+    if source == "hf-hub" or isinstance(state_dict, _CheckedStateDict):
+        return kwargs
+    tag = tag or pretrained_tag(cfg)
+    label = f"{arch}.{tag}" if tag else arch
+    if source == "local-dir":
+        raise weights.WeightsError(
+            f"{label}: gczoo does not load weights from a folder ({file}: timm would pick one of its files); "
+            "pass the file itself: pretrained_cfg_overlay=dict(file=FOLDER/model.safetensors)")
+    if isinstance(state_dict, Mapping) and not state_dict:
+        state_dict = None  # timm passes over an empty one to the file
+    if state_dict is None and not file:
+        return kwargs
+    from_file = state_dict is None
+    if from_file:
+        state_dict, where = weights.load_checkpoint(file, label), str(file)
+    else:
+        problem = weights.state_dict_problem(state_dict)
+        if problem is not None:
+            raise weights.WeightsError(f"{label}: the state_dict passed in pretrained_cfg_overlay holds {problem}; "
+                                       "pass a mapping of names to tensors")
+        where = "the given state dict"
+    if converter is None:
+        entry = model_entry(arch)["weights"].get(tag or model_entry(arch)["default_tag"], {})
+        converter = (trained.converter_of(file) if from_file else None) or entry.get("converter", "identity")
+    reference = {k: v for k, v in kwargs.items() if k not in _ADAPTED_BY_TIMM}
+    reference.setdefault("pretrained_cfg", tag)
+    with torch.random.fork_rng(devices=[]):  # the model's own initialisation stays as without the check
+        reference = build(pretrained=False, **reference)
+    cfg = getattr(reference, "pretrained_cfg", None) or {}
+    if getattr(reference, "num_classes", None) != cfg.get("num_classes"):  # timm drops the file's classifier
+        names = cfg.get("classifier") or ()  # then: none to check where the model has none (num_classes=0)
+        names, own = (names,) if isinstance(names, str) else tuple(names), reference.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in own or k.rpartition(".")[0] not in names}
+    checked = convert.filter_fn(arch, tag, converter, where)(dict(state_dict), reference)
+    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "state_dict": _CheckedStateDict(checked)}}
+
+
+def _load_checkpoint_path(model: torch.nn.Module, name: str, path: Any) -> None:
+    """timm's ``checkpoint_path``: ``model``'s own state dict from a local file, loaded after it is built;
+    read by :func:`gczoo.weights.load_checkpoint` and checked strictly, never through timm's loader."""
+    from . import convert, weights
+
+    arch = split_name(name)[0]
+    state_dict = weights.load_checkpoint(path, f"{name} checkpoint_path")
+    checked = convert.filter_fn(arch, None, "identity", str(path))(state_dict, model)
+    try:
+        model.load_state_dict(checked)
+    except RuntimeError as err:  # a classifier of another size: the check leaves it to timm, which drops it
+        raise convert.StateDictMismatchError(  # when loading pretrained weights, but not a checkpoint_path
+            f"{name}: {path} does not fit the model as built ({' '.join(str(err).split())}); checkpoint_path "
+            "takes the model's own state dict: build the model with the arguments the checkpoint was saved "
+            "with (e.g. its num_classes)") from err
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
@@ -279,7 +424,18 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     fetched and verified by :mod:`gczoo.weights`. Other keyword arguments go to the builder
     (``num_classes``, ``features_only``, ``gc_ratio``, ``gc_stages``, ...).
     ``hf-hub:ORG/REPO[@REVISION]`` names a repo written by ``gczoo publish`` (any family).
+    ``checkpoint_path`` (timm's: the model's own state dict, loaded once it is built) is read and
+    checked as every weights file is, for every family.
     """
+    checkpoint = kwargs.pop("checkpoint_path", None)
+    net = _create(name, pretrained, kwargs)
+    if checkpoint:
+        _load_checkpoint_path(net, name, checkpoint)
+    return net
+
+
+def _create(name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    """:func:`create_model` without ``checkpoint_path``."""
     if name.startswith("hf-hub:"):
         from . import hosted
 
@@ -291,9 +447,13 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     if "gc_stages" in kwargs and kwargs["gc_stages"] is None:
         kwargs["gc_stages"] = ()  # "no GC blocks"; timm would drop a None and build the default
     if model["family"] == "timm":
+        guard_timm_family()
         if pretrained:
             tag, entry = weights_entry(arch, tag)
-            _overlay_weights_file(arch, tag, entry, kwargs)
+            overlay, converter = kwargs.get("pretrained_cfg_overlay") or {}, None
+            if not (overlay.get("file") or overlay.get("state_dict")):  # the tag's weights, fetched and verified
+                _, converter = _overlay_weights_file(arch, tag, entry, kwargs)
+            kwargs = _checked_timm_weights(arch, _timm_builder(arch), kwargs, tag, converter)
         return timm.create_model(f"{arch}.{tag}" if tag else arch, pretrained=pretrained, **kwargs)
     if model["family"] in TIMM_FAMILIES:
         builder_module(model["family"])

@@ -115,6 +115,7 @@ __all__ = [
     "fetch_with_source",
     "fetch_hub_file",
     "load_checkpoint",
+    "state_dict_problem",
     "sha256_of",
     "pin",
     "digests_from",
@@ -1071,14 +1072,7 @@ def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[
         raise WeightsError(f"{label}: cannot read {src.name} as a torch checkpoint ({_reason(err)})") from err
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
-    if not isinstance(obj, Mapping):
-        problem = f"a {type(obj).__name__}"
-    else:
-        problem = next(
-            (f"the non-tensor entry {k!r}" for k, v in obj.items()
-             if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
-            None,
-        )
+    problem = state_dict_problem(obj)
     if problem is not None:
         raise WeightsError(f"{label}: {src.name} does not hold a state dict of tensors (found {problem})")
     claimed = sum(v.nelement() * v.element_size() for v in obj.values())
@@ -1090,6 +1084,15 @@ def load_checkpoint(path: str | os.PathLike, label: str = "checkpoint") -> dict[
             "or shared storage claiming memory the file does not hold)"
         )
     return dict(obj)
+
+
+def state_dict_problem(obj: object) -> str | None:
+    """What keeps ``obj`` from being a state dict (a mapping of names to tensors), e.g. ``"the non-tensor entry
+    'args'"``; ``None`` when it is one. The rule of :func:`load_checkpoint`, for state dicts handed over in memory."""
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}"
+    return next((f"the non-tensor entry {k!r}" for k, v in obj.items()
+                 if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
 
 
 def storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

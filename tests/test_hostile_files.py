@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -465,3 +466,110 @@ def test_publish_never_replaces_what_it_did_not_write(weights_env, monkeypatch, 
         from gczoo.publish import publish
 
         publish("resnet50_gc_r16.tv_in1k", out)
+
+
+# --------------------------------------------------------------------------- timm's own architectures (family timm)
+
+#: A timm-native architecture of the zoo (``gczoo list``, family ``timm``): timm builds it, the zoo lists its weights.
+TIMM_NATIVE = "gcresnext26ts.ch_in1k"
+_FIRST_CONV = "stem.conv1.conv.weight"
+
+
+@pytest.fixture(scope="module")
+def timm_native(tmp_path_factory):
+    """``(state, files)``: the architecture's own state dict (fixed seed) and hostile local files of it, each
+    ``name: (path, error, what the message says)``."""
+    import argparse
+
+    import timm
+
+    import gczoo  # noqa: F401  (timm meets the zoo)
+
+    root = tmp_path_factory.mktemp("timm_native")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = timm.create_model(TIMM_NATIVE.partition(".")[0]).state_dict()
+    mismatch = convert.StateDictMismatchError
+    changes = {
+        "bool": ({_FIRST_CONV: state[_FIRST_CONV] > 0},
+                 f"dtype mismatches: {_FIRST_CONV}: checkpoint torch.bool vs model torch.float32"),
+        "nan-inf": ({"head.fc.bias": torch.full_like(state["head.fc.bias"], float("nan")),
+                     "head.fc.weight": torch.full_like(state["head.fc.weight"], float("inf"))},
+                    "NaN or infinite values in: head.fc.bias, head.fc.weight"),
+        "int64": ({_FIRST_CONV: state[_FIRST_CONV].long()},
+                  f"dtype mismatches: {_FIRST_CONV}: checkpoint torch.int64 vs model torch.float32"),
+    }
+    files = {}
+    for name, (change, says) in changes.items():
+        save_file({**state, **change}, root / f"{name}.safetensors")
+        files[name] = (root / f"{name}.safetensors", mismatch, says)
+    save_file({("head.fc.b" if k == "head.fc.bias" else k): v for k, v in state.items()}, root / "keys.safetensors")
+    files["keys"] = (root / "keys.safetensors", mismatch, "missing keys: head.fc.bias\n  unexpected keys: head.fc.b")
+    # a training checkpoint in torch's legacy (not zip) format: timm's loader allows argparse.Namespace in it
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, root / "namespace.pth",
+               _use_new_zipfile_serialization=False)
+    files["namespace"] = (root / "namespace.pth", weights.UnsafePickleError,
+                          "refused to load namespace.pth: it is not a plain tensor checkpoint")
+    files["compressed"] = (_compressed_pickle(root / "compressed.pth", 4 << 20), weights.UnsafePickleError,
+                           "the record 'archive/data/0' is compressed (zip method 8")
+    save_file(state, root / "good.safetensors")
+    return state, files
+
+
+def _timm_native_door(door: str, path: Path):
+    import timm
+
+    import gczoo
+
+    if door == "gczoo overlay":
+        return gczoo.create_model(TIMM_NATIVE, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    if door == "timm overlay":
+        return timm.create_model(TIMM_NATIVE, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    if door == "timm cfg":  # timm's other spelling: the file in a pretrained_cfg dict
+        return timm.create_model(TIMM_NATIVE.partition(".")[0], pretrained=True,
+                                 pretrained_cfg=dict(file=str(path), num_classes=1000, classifier="head.fc"))
+    return gczoo.create_model(TIMM_NATIVE.partition(".")[0], checkpoint_path=str(path))
+
+
+_TIMM_DOORS = ["gczoo overlay", "timm overlay", "timm cfg", "checkpoint_path"]
+
+
+@pytest.mark.parametrize("door", [d for d in _TIMM_DOORS if d != "timm cfg"])  # timm cfg: in the next test
+@pytest.mark.parametrize("kind", ["bool", "nan-inf", "int64", "keys", "namespace", "compressed"])
+def test_hostile_file_for_a_timm_native_architecture_gets_the_zoos_named_error(timm_native, door, kind):
+    """Before: timm's own loader read these files (bool, NaN and int64 tensors loaded silently, wrong keys a bare
+    ``load_state_dict`` RuntimeError, a pickle with an ``argparse.Namespace`` loaded, a compressed record inflated)."""
+    path, error, says = timm_native[1][kind]
+    with pytest.raises(error) as info:
+        _timm_native_door(door, path)
+    assert says in str(info.value) and type(info.value) is error
+
+
+def test_the_timm_native_doors_still_load_a_good_file_and_check_a_given_state_dict(timm_native):
+    import timm
+
+    import gczoo
+
+    state, files = timm_native
+    good = files["bool"][0].with_name("good.safetensors")
+    for door in _TIMM_DOORS:
+        loaded = _timm_native_door(door, good).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), door
+    features = timm.create_model(TIMM_NATIVE, pretrained=True, features_only=True,
+                                 pretrained_cfg_overlay=dict(file=str(good)))
+    assert any(torch.equal(v, state[_FIRST_CONV]) for v in features.state_dict().values())
+    ten = gczoo.create_model(TIMM_NATIVE, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(good)))
+    assert ten.head.fc.out_features == 10 and torch.equal(ten.state_dict()[_FIRST_CONV], state[_FIRST_CONV])
+    for kind in ("bool", "namespace"):
+        path, error, says = files[kind]
+        with pytest.raises(error, match=re.escape(says)):
+            _timm_native_door("timm cfg", path)
+    with pytest.raises(convert.StateDictMismatchError, match="checkpoint torch.bool"):
+        timm.create_model(TIMM_NATIVE, pretrained=True,
+                          pretrained_cfg_overlay=dict(state_dict={**state, _FIRST_CONV: state[_FIRST_CONV] > 0}))
+    with pytest.raises(weights.WeightsError, match="holds the non-tensor entry 'args'"):
+        timm.create_model(TIMM_NATIVE, pretrained=True, pretrained_cfg_overlay=dict(state_dict={**state, "args": 1}))
+    # timm would read the first file it likes in a folder (here bool.safetensors): the zoo asks for the file itself
+    with pytest.raises(weights.WeightsError, match="pass the file itself"):
+        timm.create_model(TIMM_NATIVE, pretrained=True,
+                          pretrained_cfg_overlay=dict(source="local-dir", file=str(good.parent)))

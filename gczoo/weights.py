@@ -304,7 +304,8 @@ def digests_from(model_name: str, tag: str, entry: dict, base: str) -> list[tupl
                 url = _mirrored(source["url"], base)
             partial = Path(tmp) / f"{i}.partial"
             try:
-                _download(url, partial, progress=True, label=label, size=source.get("size"))
+                with _named_write_errors(source, label, Path(tmp)):
+                    _download(url, partial, progress=True, label=label, size=source.get("size"))
             except _Unavailable as err:
                 results.append((None, f"{url}: {err}"))
                 continue
@@ -421,6 +422,8 @@ def _cache_fix(path: Path) -> str:
         var = "HF_HUB_CACHE (or HF_HOME)"
     elif _inside(path, torch_hub) or _inside(torch_hub, path):
         var = "TORCH_HOME"
+    elif _inside(path, Path(tempfile.gettempdir())):
+        return "Free space there, or set TMPDIR to a writable folder with room."
     else:
         return "Free space there or make it writable, or write to another folder."
     return (f"Free space there or make it writable, or set {var} to a writable folder with room; with "

@@ -452,6 +452,8 @@ for step in json.loads(sys.argv[1]):
     try:
         if "to" in step:  # `gczoo download NAME --to DIR`
             path = weights.download_upstream("tiny", step["name"], step["entry"], step["to"], progress=False)[0]
+        elif "pin_from" in step:  # `gczoo pin NAME --from BASE`: downloads into a temporary folder
+            path = weights.digests_from("tiny", step["name"], step["entry"], step["pin_from"])
         else:
             path = weights.fetch("tiny", step["name"], step["entry"], progress=False)
         result = {"path": str(path)}
@@ -542,6 +544,24 @@ def test_drips_before_the_body_and_announced_sizes_are_bounded(weights_env, tmp_
     assert f"announces {10 << 30} bytes (size from the hub's metadata), more than the {2 << 30}" \
         in results["claim"]["message"]
     assert all(r["left"] == [] for r in results.values()), results
+
+
+def test_pin_from_another_host_onto_a_full_temporary_disk_is_a_named_error(weights_env, tmp_path):
+    """`gczoo pin --from`'s downloads go to a temporary folder: an endless hub body there meets the file
+    size limit (EFBIG, as a full disk gives ENOSPC) and is CacheWriteError naming TMPDIR, nothing left."""
+    endless = _tiny_hub(tmp_path / "hub")
+    endless.endless = True
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    source = {"type": "hf_hub", "repo_id": "timm/tiny", "filename": "model.safetensors", "revision": "main",
+              "format": "safetensors", "sha256": None}
+    with endless:
+        results = _attacked([{"name": "pin", "env": {"TMPDIR": str(temp)}, "entry": {"sources": [source]},
+                              "pin_from": endless.url, "check": [str(temp)]}], max_file=1 << 20)
+    assert results["pin"]["error"] == "CacheWriteError", results
+    assert "the file size limit is reached" in results["pin"]["message"]
+    assert "set TMPDIR to a writable folder with room" in results["pin"]["message"]
+    assert results["pin"]["left"] == []
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs a private mount namespace (unshare -rm) for tmpfs mounts")

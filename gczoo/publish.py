@@ -204,6 +204,16 @@ class EvalReportError(ValueError):
 #: The safetensors metadata ``train/common.py:save_weights`` writes with trained weights, all required.
 TRAINED_METADATA = ("gczoo_converter", "gczoo_build_args", "gczoo_model", "gczoo_recipe", "gczoo_iterations",
                     "gczoo_metrics", "gczoo_trained_by")
+#: How the run went beyond its recipe (``train/common.py:run_record``); files written before it was recorded lack it.
+RUN_KEY = "gczoo_run"
+#: Each start a run records, as the card says it.
+_STARTS = {"tag": "the tag's own weights, fine-tuned (`--pretrained`)",
+           "imagenet": "the ImageNet backbone the tag's upstream config names, GC blocks as identity "
+                       "(`--pretrained-backbone`)",
+           "random": "the model's random initialisation"}
+#: Each recipe norm, as the card says it.
+_NORMS = {"frozen_stats": "BatchNorm with fixed statistics and trained affine (mmdetection's norm_eval=True)",
+          "syncbn": "SyncBatchNorm"}
 #: Each training task of the manifest's recipes: (family of its models, training script, evaluation script).
 _TRAINING = {"detection": ("maskrcnn", "train/detection.py", "eval/coco.py"),
              "segmentation": ("segmentation", "train/segmentation.py", "eval/segmentation.py")}
@@ -236,6 +246,7 @@ class TrainedFile:
     iterations: int
     metrics: dict
     metadata: dict
+    run: Optional[dict]
 
     @property
     def name(self) -> str:
@@ -312,9 +323,23 @@ def read_trained(path: os.PathLike) -> TrainedFile:
         raise TrainedWeightsError(f"--trained {path}: its metadata does not hold together: {arch} (family {family}) "
                                   f"trained by {meta['gczoo_trained_by'][:60]!r} with the {recipe['task']} recipe "
                                   f"{recipe_name} (written by {script} for {expected_family} models)")
+    run = _run_record(path, meta) if RUN_KEY in meta else None
     return TrainedFile(path=path, sha256=sha256_of(path), arch=arch, tag=tag, family=family, recipe_name=recipe_name,
                        recipe=recipe, build_args=build_args, iterations=int(meta["gczoo_iterations"]), metrics=metrics,
-                       metadata={k: meta[k] for k in TRAINED_METADATA})
+                       metadata={k: meta[k] for k in (*TRAINED_METADATA, RUN_KEY) if k in meta}, run=run)
+
+
+def _run_record(path: Path, meta: dict) -> dict:
+    """The file's ``gczoo_run``, checked field by field."""
+    run = _metadata_json(path, meta, RUN_KEY)
+    ok = (set(run) == {"start", "total_batch", "base_lr", "syncbn", "amp"} and run["start"] in _STARTS
+          and isinstance(run["total_batch"], int) and not isinstance(run["total_batch"], bool)
+          and 0 < run["total_batch"] <= 1 << 20 and _is_number(run["base_lr"]) and math.isfinite(run["base_lr"])
+          and run["base_lr"] > 0 and isinstance(run["syncbn"], bool) and run["amp"] in (None, "bfloat16", "float16"))
+    if not ok:
+        raise TrainedWeightsError(f"--trained {path}: metadata {RUN_KEY} is {json.dumps(run)[:160]}, not what "
+                                  "train/common.py:run_record writes (start, total_batch, base_lr, syncbn, amp)")
+    return run
 
 
 def publish_trained(checkpoint: os.PathLike, out: os.PathLike, repo_name: str, org: str,
@@ -500,7 +525,7 @@ def _trained_card(trained: TrainedFile, measured: List[dict], org: str, repo_nam
 
     repo, (task_type, task_name) = f"{org}/{repo_name}", _TRAINED_TASKS[trained.family]
     script, evaluate = trained.scripts
-    recipe, opt = trained.recipe, trained.recipe["optimizer"]
+    recipe, opt, run = trained.recipe, trained.recipe["optimizer"], trained.run
     source_name = "measured by the publisher (not verified by gczoo)"
     results = [EvalResult(task_type=task_type, task_name=task_name, dataset_type="custom",
                           dataset_name=f"{m['data']}" + (f", {m['samples']} samples" if m["samples"] else ""),
@@ -516,15 +541,19 @@ def _trained_card(trained: TrainedFile, measured: List[dict], org: str, repo_nam
              "verified how they perform: every number below is the publisher's own.", "",
              "## Model and training", "",
              f"- architecture: `{trained.arch}`: {model_entry(trained.arch)['summary']}",
-             f"- built as `{trained.name}`, the zoo tag whose recipe the run followed (and whose weights it started "
-             "from if it was run with `--pretrained`; the file does not record which)",
+             f"- built as `{trained.name}`, the zoo tag whose recipe the run followed",
+             f"- started from: {_STARTS[run['start']] if run else 'not recorded by the training script'}",
              f"- build arguments: {args}",
              f"- recipe `{trained.recipe_name}` ({recipe['task']}): {recipe['source']}",
              f"- schedule: {_schedule(recipe)}",
              f"- optimizer: SGD, learning rate {opt['lr']}, momentum {opt['momentum']}, weight decay "
              f"{opt['weight_decay']}, for a total batch of {recipe['batch_size']} images (`{script}` scales the "
              "learning rate and iteration counts linearly to the run's own batch); normalisation: "
-             f"{recipe['norm']}",
+             f"{_NORMS[recipe['norm']]}",
+             "- this run: " + (f"total batch {run['total_batch']}, base learning rate {run['base_lr']:.6g}, "
+                               f"SyncBatchNorm {'used' if run['syncbn'] else 'not used'}, "
+                               f"{'AMP ' + run['amp'] if run['amp'] else 'float32'}" if run else
+                               "batch, learning rate and precision not recorded by the training script"),
              f"- iterations run: {trained.iterations}", ""]
     lines += ["## Results", ""]
     if measured:

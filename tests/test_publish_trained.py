@@ -30,13 +30,16 @@ RUN_METRICS = {"box_ap": 12.345, "mask_ap": 10.5, "val_images": 4}
 FILES = ("model.safetensors", "config.json", "README.md")
 
 
-def _save_trained(path: Path, name: str, model, build_args: dict, recipe: str, metrics: dict, keep=lambda k: True):
-    """The final weights as train/common.py writes them (its own save_weights, called with the fields it reads)."""
-    from train.common import save_weights
+def _save_trained(path: Path, name: str, model, build_args: dict, recipe: str, metrics: dict, keep=lambda k: True,
+                  start: str = "imagenet"):
+    """The final weights as train/common.py writes them (its own save_weights and run_record, called with the
+    fields they read): a run of total batch 4 at the scaled learning rate, float32, ``start`` as its flags say."""
+    from train.common import run_record, save_weights
 
     job = types.SimpleNamespace(name=name, build_args=build_args, recipe_name=recipe,
                                 recipe=load_manifest()["recipes"][recipe], keep_keys=keep)
-    save_weights(path, job, model, 120, metrics)
+    args = types.SimpleNamespace(pretrained=start == "tag", pretrained_backbone=start == "imagenet", amp_dtype="bfloat16")
+    save_weights(path, job, model, 120, metrics, run_record(args, 4, 0.005, syncbn=False, amp=False))
     return path
 
 
@@ -98,6 +101,9 @@ def test_trained_detector_published_served_and_loaded_by_name(hub, trained_detec
     recipe = load_manifest()["recipes"][DET_RECIPE]
     assert f"recipe `{DET_RECIPE}` (detection): {recipe['source']}" in card.text and "iterations run: 120" in card.text
     assert "`num_classes=3`, `label_ids=[5, 7]`" in card.text and "12 epochs" in card.text
+    assert "started from: the ImageNet backbone the tag's upstream config names" in card.text
+    assert "this run: total batch 4, base learning rate 0.005, SyncBatchNorm not used, float32" in card.text
+    assert "normalisation: BatchNorm with fixed statistics and trained affine" in card.text
     assert "| box AP | 12.35 | the val split of the training data | 4 |" in card.text
     assert "| mask AP | 9.75 | the data given to eval/coco.py --data" in card.text
     assert sorted((r.metric_type, r.metric_value) for r in card.data.eval_results) == [
@@ -123,11 +129,12 @@ def test_trained_segmentation_without_metrics_says_none_were_measured(hub, tmp_p
     torch.manual_seed(0)
     model = gczoo.create_model(name, aux_loss=True, **args).eval()
     trained = _save_trained(tmp_path / "model.safetensors", name, model, args, "mmseg_cityscapes_512x1024_40k", {},
-                            keep=lambda key: not key.startswith("aux_classifier."))
+                            keep=lambda key: not key.startswith("aux_classifier."), start="random")
     folder = publish_trained(trained, tmp_path / "out", "gc-seg", "someone")
     card = ModelCard.load(folder / "README.md")
     assert card.data.eval_results is None and card.data.pipeline_tag == "image-segmentation"
     assert "No metrics were measured for these weights" in card.text and "train/segmentation.py" in card.text
+    assert "started from: the model's random initialisation" in card.text and "normalisation: SyncBatchNorm" in card.text
     shutil.copytree(folder, Path(hub.root) / "someone" / "gc-seg")
     x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -169,12 +176,15 @@ def _publish(tmp_path, trained, *extra):
     (lambda p: _file(p, _metadata(gczoo_build_args='{"num_classes": 3,')), "metadata gczoo_build_args is not JSON"),
     (lambda p: _file(p, _metadata(gczoo_metrics='{"box_ap": "high"}')), "gczoo_metrics must map at most 32 names"),
     (lambda p: _file(p, _metadata(gczoo_converter="mmdet")), "trained weights are the model's own state dict"),
+    (lambda p: _file(p, _metadata(gczoo_run=json.dumps({"start": "tag", "total_batch": -4, "base_lr": 0.02,
+                                                        "syncbn": False, "amp": None}))),
+     "metadata gczoo_run is {\"start\": \"tag\", \"total_batch\": -4"),
     (lambda p: _file(p, _metadata(gczoo_build_args=json.dumps({**DET_ARGS, "gc_ratio": 0.25}))),
      "cannot go into a hub config.json, which carries only what train/*.py records: model_args.gc_ratio: unknown field"),
     (lambda p: _file(p, _metadata(gczoo_build_args=json.dumps({**DET_ARGS, "num_classes": 5}))),
      "model_args.num_classes: 5 for 2 label_ids"),
 ], ids=["pickle", "upstream", "published-upstream", "missing-key", "unknown-arch", "unknown-recipe", "task-mismatch",
-        "bad-json", "bad-metrics", "converter", "unpublishable-arg", "classes-mismatch"])
+        "bad-json", "bad-metrics", "converter", "bad-run", "unpublishable-arg", "classes-mismatch"])
 def test_a_file_that_is_not_publishable_trained_weights_is_a_one_line_error(tmp_path, capsys, make, says):
     assert _publish(tmp_path, make(tmp_path)) == 2
     err = capsys.readouterr().err

@@ -390,15 +390,24 @@ def load_resume(path: Path, expected: Dict[str, str]) -> dict:
     return state
 
 
-def save_weights(path: Path, job: Job, model: nn.Module, iteration: int, metrics: dict) -> None:
-    """The final weights in the model's layout, with what :mod:`gczoo.trained` reads to load them."""
+def run_record(args: argparse.Namespace, total_batch: int, base_lr: float, syncbn: bool, amp: bool) -> Dict[str, Any]:
+    """How the run went beyond its recipe (stored with the weights as ``gczoo_run``, shown by ``gczoo publish``):
+    its start (``tag`` weights, ``imagenet`` backbone, ``random``), total batch, base learning rate, SyncBN, AMP."""
+    start = "tag" if args.pretrained else "imagenet" if args.pretrained_backbone else "random"
+    return {"start": start, "total_batch": total_batch, "base_lr": base_lr, "syncbn": syncbn,
+            "amp": args.amp_dtype if amp else None}
+
+
+def save_weights(path: Path, job: Job, model: nn.Module, iteration: int, metrics: dict, run: Dict[str, Any]) -> None:
+    """The final weights in the model's layout, with what :mod:`gczoo.trained` reads to load them
+    and ``run`` (:func:`run_record`)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if job.keep_keys(k)}
+    script = "train/" + ("detection.py" if job.recipe["task"] == "detection" else "segmentation.py")
     metadata = {"format": "pt", CONVERTER_KEY: "identity", BUILD_ARGS_KEY: json.dumps(job.build_args),
                 "gczoo_model": job.name, "gczoo_recipe": job.recipe_name, "gczoo_iterations": str(iteration),
-                "gczoo_metrics": json.dumps(metrics), "gczoo_trained_by": "train/" + ("detection.py" if
-                                                                                      job.recipe["task"] == "detection" else "segmentation.py")}
+                "gczoo_metrics": json.dumps(metrics), "gczoo_trained_by": script, "gczoo_run": json.dumps(run)}
     with atomic_path(path) as tmp:
         tmp.write_bytes(save(tensors, metadata=metadata))
 
@@ -415,7 +424,8 @@ def train(job: Job, args: argparse.Namespace, dist: Distributed) -> int:
     schedule = scaled_schedule(job.recipe, total_batch, per_epoch, args)
     every_eval = eval_interval(job.recipe, per_epoch, total_batch, args)
     model = job.model.to(dist.device)
-    if dist.world_size > 1 and job.recipe["norm"] == "syncbn" and dist.device.type == "cuda":
+    syncbn = dist.world_size > 1 and job.recipe["norm"] == "syncbn" and dist.device.type == "cuda"
+    if syncbn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cfg = job.recipe["optimizer"]
@@ -500,7 +510,7 @@ def train(job: Job, args: argparse.Namespace, dist: Distributed) -> int:
         return EXIT_DONE
     metrics = _evaluate(job, model, log, stop)
     if dist.is_main:
-        save_weights(args.out / WEIGHTS, job, model, stop, metrics)
+        save_weights(args.out / WEIGHTS, job, model, stop, metrics, run_record(args, total_batch, schedule.base_lr, syncbn, amp))
         log.write(event="done", iteration=stop, weights=str(args.out / WEIGHTS), metrics=metrics)
         print(f"{job.name}: {stop} iterations; weights {args.out / WEIGHTS}; "
               + (", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)) or "no val split"),

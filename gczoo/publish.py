@@ -774,8 +774,10 @@ def _model_card(arch: str, tag: str, entry: dict, family: str, metadata: dict, o
     if classifier:
         lines += ["With timm (the model is registered by `import gczoo`):", "", "```python", "import gczoo  # noqa: F401",
                   "import timm", "", f'model = timm.create_model("hf-hub:{repo}", pretrained=True)', "```", ""]
-    lines += ["With torch.hub:", "", "```python", "import torch", "",
-              f'model = torch.hub.load("org/gczoo", "{arch}", pretrained=True, tag="{tag}")', "```", "",
+    lines += ["With torch.hub (`OWNER/REPO`: the GitHub repository that hosts gczoo, e.g. a fork; a checkout loads "
+              'with `torch.hub.load("/path/to/gczoo", ..., source="local")`):', "", "```python", "import torch", "",
+              f'model = torch.hub.load("OWNER/REPO", "{arch}", pretrained=True, tag="{tag}", trust_repo=True)', "```",
+              "",
               "## How this file differs from upstream", "",
               f"Converted once from the upstream checkpoint by gczoo's `{entry['converter']}` converter: {converter_doc}",
               ""]

@@ -94,6 +94,8 @@ def test_classifier_repo_loads_through_timm_and_gczoo_and_is_deterministic(hub, 
     indexed = sorted((r.source_name, r.metric_type, r.metric_value) for r in card.data.eval_results)
     assert indexed == published and all(r.dataset_type == "imagenet-1k" for r in card.data.eval_results)
     assert f"hf upload gczoo/{CLS}.{CLS_TAG} {CLS}.{CLS_TAG} ." in card.text
+    assert "`OWNER/REPO`: the GitHub repository that hosts gczoo" in card.text  # no placeholder left unexplained
+    assert f'torch.hub.load("OWNER/REPO", "{CLS}", pretrained=True, tag="{CLS_TAG}", trust_repo=True)' in card.text
 
     _serve_repo(hub, first, f"gczoo/{CLS}.{CLS_TAG}")
     with torch.no_grad():

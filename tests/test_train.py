@@ -188,6 +188,16 @@ def test_detection_from_an_imagenet_backbone_follows_the_recipe_counts_dropped_b
     model = gczoo.create_model("maskrcnn_resnet50_fpn_gc_r16", pretrained=True, num_classes=4, label_ids=[10, 20, 30],
                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), **DET_KWARGS)
     assert model.label_ids.tolist() == [0, 10, 20, 30]
+    # The file publishes as it is: its build arguments are the inference model's (training-only
+    # sampling arguments such as box_batch_size_per_image stay with the run), its start is recorded.
+    from gczoo.cli import main
+
+    assert main(["publish", "--trained", str(out / "model.safetensors"), "--out", str(tmp_path / "hub"),
+                 "--repo-name", "det-shapes", "--org", "someone"]) == 0
+    config = json.loads((tmp_path / "hub" / "det-shapes" / "config.json").read_text())
+    assert config["model_args"] == {"num_classes": 4, "label_ids": [10, 20, 30], "min_size": 48, "max_size": 48,
+                                    "layers": [1, 1, 1, 1]}
+    assert "started from: the ImageNet backbone" in (tmp_path / "hub" / "det-shapes" / "README.md").read_text()
 
 
 def test_detection_bad_input(shapes, tmp_path):

@@ -310,7 +310,8 @@ class Job:
     ``collate`` returns the batch, or a message naming the unusable sample in it;
     ``step(model, batch)`` returns the named losses of one batch (``model`` may be DDP-wrapped);
     ``evaluate(model)`` the val metrics of the bare model in eval mode (or ``{}`` without a val
-    split); ``build_args`` the ``create_model`` arguments the weights need (stored with them);
+    split); ``build_args`` the ``create_model`` arguments the weights need (stored with them),
+    ``training_args`` those that act in training only (not stored with the weights; a resume must match them);
     ``data_digest`` identifies the training data; ``counts`` (e.g. dropped annotations) go to the log.
     """
 
@@ -326,13 +327,14 @@ class Job:
     data_digest: str
     num_samples: int
     counts: Dict[str, int] = field(default_factory=dict)
+    training_args: dict = field(default_factory=dict)
     keep_keys: Callable[[str], bool] = lambda key: True  # keys of the final weights
 
 
 def fingerprint(job: Job, total_batch: int) -> Dict[str, str]:
     """What a resumed run must share with the checkpoint: model, data, recipe and batch."""
-    model = hashlib.sha256(json.dumps([job.name, job.build_args, [(k, list(v.shape)) for k, v in
-                                                                   job.model.state_dict().items()]]).encode()).hexdigest()
+    shapes = [(k, list(v.shape)) for k, v in job.model.state_dict().items()]
+    model = hashlib.sha256(json.dumps([job.name, job.build_args, job.training_args, shapes]).encode()).hexdigest()
     return {"model": model, "data": job.data_digest, "recipe": job.recipe_name, "total_batch": str(total_batch)}
 
 

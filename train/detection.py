@@ -50,6 +50,7 @@ else:  # run as a script: its folder is the first entry of sys.path
 
 from eval import coco as coco_eval  # noqa: E402  (common put the clone on sys.path)
 from gczoo.registry import create_model, split_name, weights_entry  # noqa: E402
+from gczoo.models.detection import TRAINING_ONLY_ARGS  # noqa: E402
 
 BadInput = common.BadInput
 TASK = "detection"
@@ -197,12 +198,14 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     if not instances:
         raise BadInput(f"{annotations}: no image keeps a usable box ({counts}).")
     long_side, short_side = args.scale or pipeline["resize"]
+    training_args = {k: v for k, v in args.model_kwargs.items() if k in TRAINING_ONLY_ARGS}
     build_args = {"num_classes": len(categories) + 1, "label_ids": categories, "min_size": short_side,
-                  "max_size": long_side, **args.model_kwargs}
+                  "max_size": long_side, **{k: v for k, v in args.model_kwargs.items() if k not in training_args}}
     from_file = bool(args.pretrained or args.pretrained_backbone)
     model = create_model(f"{arch}.{tag}", pretrained=args.pretrained, pretrained_backbone=args.pretrained_backbone,
                          backbone_norm=("trainable" if recipe["norm"] == "syncbn" or not from_file else "frozen_stats"),
-                         frozen_stages=recipe.get("frozen_stages", -1) if from_file else -1, **build_args)
+                         frozen_stages=recipe.get("frozen_stages", -1) if from_file else -1, **build_args,
+                         **training_args)
     set_stage_loss_weights(model, recipe_name, recipe)
     image_ids = sorted(instances)
     digest = hashlib.sha256(annotations.read_bytes()).hexdigest()[:16] + ":" + common.file_list_digest(
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace, dist: common.Distributed) -> int:
     job = common.Job(
         name=f"{arch}.{tag}", model=model, dataset=DetectionTrainSet(coco, folder, image_ids, instances, pipeline["flip"]),
         collate=collate, step=make_step(dist.device), evaluate=make_evaluate(args, categories, dist),
-        recipe_name=recipe_name, recipe=recipe, build_args=build_args, data_digest=digest,
+        recipe_name=recipe_name, recipe=recipe, build_args=build_args, training_args=training_args, data_digest=digest,
         num_samples=len(image_ids), counts=counts,
         keep_keys=lambda key: not key.endswith("num_batches_tracked"))  # the inference model's norms are frozen
     if dist.is_main:

@@ -45,7 +45,15 @@ from .mmdet_ops import (COCO_CATEGORIES, COCO_CATEGORY_IDS, MASK_THRESHOLD, MMDE
                         FrozenParamBatchNorm2d, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign, MMDetTransform,
                         TEST_SCALE, mmcv_rescale_size, resize_image)
 
-__all__ = ["MMDetMaskRCNN", "MMDetCascadeMaskRCNN", "DetectorNetwork", "DetectorFeatures", "MMDET_HEAD_INIT", "build"]
+__all__ = ["MMDetMaskRCNN", "MMDetCascadeMaskRCNN", "DetectorNetwork", "DetectorFeatures", "MMDET_HEAD_INIT",
+           "TRAINING_ONLY_ARGS", "build"]
+
+#: torchvision ``MaskRCNN`` arguments that act in train mode only (proposal counts, target assignment and
+#: sampling): weights trained with other values build and infer the same without them.
+TRAINING_ONLY_ARGS = frozenset({
+    "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
+    "rpn_batch_size_per_image", "rpn_positive_fraction", "box_fg_iou_thresh", "box_bg_iou_thresh",
+    "box_batch_size_per_image", "box_positive_fraction"})
 
 _STAGE = r"roi_heads\.(stages\.\d+\.)?"
 #: mmdetection 3.3's initialisation of every layer outside the backbone body, by module name:

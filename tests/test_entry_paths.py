@@ -150,8 +150,9 @@ STANDIN = """
         model = torch.nn.parallel.DistributedDataParallel(create_model(args.model, num_classes=args.num_classes,
                                                                        layers=[1, 1, 1, 1]))
         model(torch.randn(2, 3, 32, 32)).sum().backward()
-        print(json.dumps(dict(rank=dist.get_rank(), world=dist.get_world_size(), argv=sys.argv,
-                              classes=model.module.num_classes)), flush=True)
+        report = dict(rank=dist.get_rank(), world=dist.get_world_size(), argv=sys.argv, classes=model.module.num_classes)
+        with open(f"{sys.argv[0]}.rank{dist.get_rank()}.json", "w") as f:  # a file each: workers share one stdout
+            json.dump(report, f)
         dist.destroy_process_group()
 
 
@@ -166,10 +167,9 @@ def test_timm_script_runner_under_torchrun(tmp_path):
     script = tmp_path / "scripts" / "train.py"
     script.parent.mkdir()
     script.write_text(textwrap.dedent(STANDIN))
-    stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                  "-m", "gczoo.timm_run", script, "--model", CLASSIFIER, "--num-classes", "3"], tmp_path,
-                 OMP_NUM_THREADS="1")
-    lines = sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "gczoo.timm_run", script, "--model", CLASSIFIER, "--num-classes", "3"], tmp_path, OMP_NUM_THREADS="1")
+    lines = [json.loads(Path(f"{script}.rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(d["rank"], d["world"], d["classes"]) for d in lines] == [(0, 2, 3), (1, 2, 3)]
     assert lines[0]["argv"] == [str(script), "--model", CLASSIFIER, "--num-classes", "3"]
 

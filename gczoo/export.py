@@ -13,8 +13,8 @@ What each family exports (:func:`deployable`):
   laid out from it) and free for ONNX classifiers.
 * detectors: :class:`~gczoo.models.detection.DetectorNetwork`, the network on the image already
   resized by mmdetection's rule and OpenCV pixels (which no graph holds): ONNX (image height and
-  width dynamic) and TorchScript by tracing it (not the cascade rows, whose heads do not trace:
-  :class:`UnsupportedExportError`). ``torch.export`` takes
+  width dynamic; the DCN rows' convolutions as ``DeformConv``) and TorchScript by tracing it,
+  Mask R-CNN and cascade rows alike. ``torch.export`` takes
   :class:`~gczoo.models.detection.DetectorFeatures`, up to the data-dependent proposal selection.
   The detector itself refuses to be scripted, traced or exported with :class:`UnsupportedExportError`.
 """
@@ -76,7 +76,7 @@ def family_of(model) -> str:
 
 def deployable(model, fmt: str):
     """``(module, description)``: what a file of format ``fmt`` holds for ``model`` (see the module docstring)."""
-    from .models.detection import DetectorFeatures, DetectorNetwork, MMDetCascadeMaskRCNN
+    from .models.detection import DetectorFeatures, DetectorNetwork
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -84,10 +84,6 @@ def deployable(model, fmt: str):
         return model.eval(), "the model"
     if fmt == "exported":
         return DetectorFeatures(model), "DetectorFeatures (resized image -> FPN maps, RPN objectness and deltas)"
-    if isinstance(model, MMDetCascadeMaskRCNN):
-        raise UnsupportedExportError(
-            "the cascade's RoI heads do not trace: their post-processing sizes tensors from Python counts, which a "
-            "trace would keep as constants. `--format exported` (DetectorFeatures: backbone, FPN, RPN head) works.")
     return DetectorNetwork(model), "DetectorNetwork (resized image -> boxes, labels, scores, mask probabilities)"
 
 
@@ -135,14 +131,36 @@ def _dynamic(family: str, fmt: str):
     return {"x": {0: Dim("batch", min=1, max=1024)}}
 
 
+#: ONNX opset of the written files: 19 is the first with ``DeformConv`` (the DCN rows' convolutions).
+ONNX_OPSET = 19
+
+
+def _register_deform_conv2d() -> None:
+    """Export ``torchvision::deform_conv2d`` as ONNX ``DeformConv`` (opset 19), which reads offsets in
+    the same ``(dy, dx)``-per-tap order; the mask input only where the op uses one (DCN v2)."""
+    import torch
+    from torch.onnx.symbolic_helper import _get_tensor_sizes, parse_args
+
+    @parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
+    def deform_conv2d(g, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                      groups, offset_groups, use_mask):
+        return g.op("DeformConv", input, weight, offset, bias, *([mask] if use_mask else []),
+                    strides_i=[stride_h, stride_w], pads_i=[pad_h, pad_w, pad_h, pad_w],
+                    dilations_i=[dilation_h, dilation_w], group_i=groups, offset_group_i=offset_groups,
+                    kernel_shape_i=_get_tensor_sizes(weight)[2:])
+
+    torch.onnx.register_custom_op_symbolic("torchvision::deform_conv2d", deform_conv2d, ONNX_OPSET)
+
+
 def _write(module, fmt: str, family: str, example, path: Path) -> None:
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings
         if fmt == "onnx":
+            _register_deform_conv2d()
             torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=["input"],
-                              dynamic_axes=_dynamic(family, fmt), opset_version=17)
+                              dynamic_axes=_dynamic(family, fmt), opset_version=ONNX_OPSET)
         elif fmt == "torchscript":
             scripted = (torch.jit.trace(module, (example,), check_trace=False) if family == "detection"
                         else torch.jit.script(module))

@@ -97,12 +97,22 @@ def video():
     return model
 
 
-@pytest.fixture(scope="module")
-def detector():
+def _small_detector(name):
     """Random weights, every score kept (box_score_thresh 0) so that there are detections to compare."""
     return randomize(gczoo.create_model(
-        "maskrcnn_resnet50_fpn_gc_r16", layers=[1, 1, 1, 1], min_size=128, max_size=213, box_score_thresh=0.0,
+        name, layers=[1, 1, 1, 1], min_size=128, max_size=213, box_score_thresh=0.0,
         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_detections_per_img=10)).eval()
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return _small_detector("maskrcnn_resnet50_fpn_gc_r16")
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    """The cascade row with every special layer: three RoI stages, DCN (ONNX DeformConv), GC blocks."""
+    return _small_detector("cascade_maskrcnn_resnext101_32x4d_fpn_dconv_gc_r16")
 
 
 def _needs(fmt):
@@ -115,11 +125,12 @@ def _needs(fmt):
     ("segmenter", "torchscript"), ("segmenter", "onnx"), ("segmenter", "exported"),
     ("video", "onnx"), ("video", "exported"),
     ("detector", "torchscript"), ("detector", "onnx"), ("detector", "exported"),
+    ("cascade", "torchscript"), ("cascade", "onnx"), ("cascade", "exported"),
 ])
 def test_export_reload_and_compare_on_a_fresh_input(request, tmp_path, family, fmt):
     _needs(fmt)
     model = request.getfixturevalue({"classifier": "snl"}.get(family, family))
-    size = {"classifier": (32, 32), "segmenter": (32, 64), "detector": (150, 200)}.get(family)
+    size = {"classifier": (32, 32), "segmenter": (32, 64), "detector": (150, 200), "cascade": (150, 200)}.get(family)
     example, fresh = sample_inputs(model, size, fmt)
     assert not torch.equal(example, fresh) if example.shape == fresh.shape else True
     path = tmp_path / f"model.{fmt}"
@@ -127,7 +138,7 @@ def test_export_reload_and_compare_on_a_fresh_input(request, tmp_path, family, f
     assert path.is_file() and report.max_abs_diff <= report.atol
     print(f"\n{family} {fmt}: {report.outputs} outputs, max |diff| {report.max_abs_diff:.2g}, "
           f"tolerance {report.atol:.2g} + {report.rtol:g} |value|")  # the README's table (pytest -s)
-    if family == "detector" and fmt != "exported":
+    if family in ("detector", "cascade") and fmt != "exported":
         assert example.shape != fresh.shape  # the image size is an input of the graph, not a constant
 
 
@@ -234,10 +245,37 @@ def test_cli_export_writes_a_checked_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["snl.pt"]  # no temporary file left
 
 
-def test_cascade_onnx_and_torchscript_refused_with_the_path_that_works(tmp_path):
-    from gczoo.export import deployable
+@pytest.mark.parametrize("fmt", ("onnx", "torchscript"))
+@pytest.mark.parametrize("family", ("detector", "cascade"))
+def test_detector_graph_keeps_the_number_of_detections_free(request, tmp_path, family, fmt):
+    """A graph traced on a picture with one detection answers a picture with none (and the reverse)
+    as eager does: no count of boxes is frozen into it (ONNX's index_put once froze a count of one)."""
+    from gczoo.export import _load, _write
 
-    model = gczoo.create_model("cascade_maskrcnn_resnext101_32x4d_fpn_gc_r16", layers=[1, 1, 1, 1])
-    for fmt in ("onnx", "torchscript"):
-        with pytest.raises(UnsupportedExportError, match="--format exported"):
-            deployable(model, fmt)
+    _needs(fmt)
+    model = request.getfixturevalue(family)
+    net, heads = DetectorNetwork(model), model.roi_heads
+    one, other = sample_inputs(model, (150, 200), fmt)
+    with torch.no_grad():
+        best = [net(x)[2].max().item() for x in (one, other)]
+    if best[1] > best[0]:
+        one, other, best = other, one, best[::-1]
+    saved = heads.score_thresh, heads.detections_per_img
+    heads.score_thresh, heads.detections_per_img = sum(best) / 2, 1  # `one` keeps one box, `other` none
+    try:
+        with torch.no_grad():
+            assert [len(net(x)[0]) for x in (one, other)] == [1, 0]
+        for example, run_on in ((one, other), (other, one)):
+            path = tmp_path / f"{family}.{fmt}"
+            _write(net, fmt, "detection", example, path)
+            run, _ = _load(fmt, path)
+            for x in (example, run_on):
+                with torch.no_grad():
+                    expected = net(x)
+                got = run(x)
+                assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
+                if len(expected[0]):
+                    close(got[0], expected[0], f"{family} {fmt} boxes")
+            path.unlink()
+    finally:
+        heads.score_thresh, heads.detections_per_img = saved

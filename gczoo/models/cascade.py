@@ -89,7 +89,7 @@ class CascadeRoIHeads(nn.Module):
     @staticmethod
     def _boxes(stage: RoIHeads, rois: List[Tensor], deltas: Tensor, image_shapes: List[Tuple[int, int]]) -> List[Tensor]:
         """Stage ``stage``'s class-agnostic ``deltas`` applied to ``rois``, clipped to each image."""
-        boxes = stage.box_coder.decode(deltas, rois).reshape(-1, 4).split([len(r) for r in rois])
+        boxes = stage.box_coder.decode(deltas, rois).reshape(-1, 4).split([r.shape[0] for r in rois])
         return [clip_boxes_to_image(b, shape) for b, shape in zip(boxes, image_shapes)]
 
     @staticmethod
@@ -104,6 +104,8 @@ class CascadeRoIHeads(nn.Module):
 
     def forward(self, features: Dict[str, Tensor], proposals: List[Tensor], image_shapes: List[Tuple[int, int]],
                 targets: Optional[List[Dict[str, Tensor]]] = None):
+        """Test-time detections per image. Sizes come from tensors' shapes and every step runs whatever
+        the number of boxes (none included), so ``torch.jit.trace`` and ONNX keep them data-dependent."""
         if self.training:
             raise RuntimeError("CascadeRoIHeads computes its training losses through the detector: call the "
                                "MMDetCascadeMaskRCNN in train mode (gczoo.models.mmdet_training.detector_losses)")
@@ -112,26 +114,23 @@ class CascadeRoIHeads(nn.Module):
             logits, deltas = self._box_features(stage, features, rois, image_shapes)
             logits_sum = logits_sum + logits
             rois = self._boxes(stage, rois, deltas, image_shapes)
-        scores = F.softmax(logits_sum / len(self.stages), dim=-1).split([len(r) for r in rois])
+        scores = F.softmax(logits_sum / len(self.stages), dim=-1).split([r.shape[0] for r in rois])
         result = [self._postprocess(b, s) for b, s in zip(rois, scores)]
         boxes = [r["boxes"] for r in result]
         labels = [r["labels"] for r in result]
-        if sum(len(b) for b in boxes):
-            probs = [maskrcnn_inference(self._mask_logits(stage, features, boxes, image_shapes), labels)
-                     for stage in self.stages]
-            for i, r in enumerate(result):
-                r["masks"] = torch.stack([p[i] for p in probs]).mean(0)
-        else:
-            for r in result:
-                r["masks"] = r["boxes"].new_zeros((0, 1, *self.stages[0].mask_roi_pool.output_size))
+        probs = [maskrcnn_inference(self._mask_logits(stage, features, boxes, image_shapes), labels)
+                 for stage in self.stages]
+        for i, r in enumerate(result):
+            r["masks"] = torch.stack([p[i] for p in probs]).mean(0)
         return result, {}
 
     def _postprocess(self, boxes: Tensor, scores: Tensor) -> Dict[str, Tensor]:
         """mmdetection's ``multiclass_nms`` for class-agnostic boxes: every foreground class with
         score > ``score_thresh`` is a candidate, class-wise NMS, the best ``detections_per_img``."""
         num_classes = scores.shape[1]
-        labels = torch.arange(1, num_classes, device=scores.device).expand(len(scores), -1).reshape(-1)
-        scores = scores[:, 1:].reshape(-1)
+        scores = scores[:, 1:]
+        labels = torch.arange(1, num_classes, device=scores.device).expand_as(scores).reshape(-1)
+        scores = scores.reshape(-1)
         boxes = boxes[:, None].expand(-1, num_classes - 1, 4).reshape(-1, 4)
         keep = torch.where(scores > self.score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]

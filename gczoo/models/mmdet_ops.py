@@ -188,8 +188,10 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = torch.where(levels == level)[0]
             if len(idx) or torch.jit.is_tracing():  # a traced graph pools every level: its boxes vary
-                out[idx] = roi_align(feature, rois[idx], self.output_size, spatial_scale=1.0 / stride,
-                                     sampling_ratio=0, aligned=True).to(out.dtype)
+                pooled = roi_align(feature, rois[idx], self.output_size, spatial_scale=1.0 / stride,
+                                   sampling_ratio=0, aligned=True).to(out.dtype)
+                # scatter rather than out[idx] = ...: ONNX's index_put fixes the count of a one-box example
+                out.scatter_(0, idx.view(-1, 1, 1, 1).expand_as(pooled), pooled)
         return out
 
     def __repr__(self) -> str:

@@ -123,7 +123,7 @@ def _needs(fmt):
 @pytest.mark.parametrize("family, fmt", [
     ("classifier", "torchscript"), ("classifier", "onnx"), ("classifier", "exported"),
     ("segmenter", "torchscript"), ("segmenter", "onnx"), ("segmenter", "exported"),
-    ("video", "onnx"), ("video", "exported"),
+    ("video", "torchscript"), ("video", "onnx"), ("video", "exported"),
     ("detector", "torchscript"), ("detector", "onnx"), ("detector", "exported"),
     ("cascade", "torchscript"), ("cascade", "onnx"), ("cascade", "exported"),
 ])

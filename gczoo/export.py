@@ -222,7 +222,8 @@ def _check(run, uses: dict, module, example, fresh, what: str) -> Tuple[float, f
     with torch.no_grad():
         expected, previous = _flatten(module(fresh)), _flatten(module(example))
     try:
-        got, got_previous = run(fresh), run(example)
+        with torch.no_grad():  # TorchScript and torch.export modules would otherwise keep every activation for autograd
+            got, got_previous = run(fresh), run(example)
     except Exception as err:  # onnxruntime's and TorchScript's own errors: the file does not run
         raise ExportCheckError(f"{what} fails on a fresh input: {type(err).__name__}: {err}") from err
     if len(got) != len(expected):

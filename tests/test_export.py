@@ -194,6 +194,24 @@ def test_a_graph_that_ignores_its_input_is_an_error_and_not_kept(tmp_path, fmt):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_reloaded_file_runs_without_autograd():
+    """A reloaded TorchScript or torch.export module has parameters that require gradients: run with
+    autograd on, it keeps every activation (the default segmentation export, 2x1024x2048, went past
+    24 GiB and was killed; 4.4 GiB without autograd). The check runs the file under no_grad."""
+    from gczoo.export import _check
+
+    modes = []
+
+    def run(x):
+        modes.append(torch.is_grad_enabled())
+        return [x * 2]
+
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    with torch.enable_grad():
+        _check(run, {"x": True}, lambda t: t * 2, x, y, "a doubling")
+    assert modes == [False, False]
+
+
 @pytest.mark.parametrize("name", ("resnet50_gc_r16", "resnet50_snl_c4"))
 def test_gc_and_snl_trace_with_gradients_on(name):
     """The trace checker re-runs without gradients; the pooling's custom-autograd route must not

@@ -162,8 +162,9 @@ def _write(module, fmt: str, family: str, example, path: Path) -> None:
             torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=["input"],
                               dynamic_axes=_dynamic(family, fmt), opset_version=ONNX_OPSET)
         elif fmt == "torchscript":
-            scripted = (torch.jit.trace(module, (example,), check_trace=False) if family == "detection"
-                        else torch.jit.script(module))
+            with torch.no_grad():  # a trace's own forward keeps no activations for autograd
+                scripted = (torch.jit.trace(module, (example,), check_trace=False) if family == "detection"
+                            else torch.jit.script(module))
             torch.jit.save(scripted, str(path))
         else:
             dynamic = _dynamic(family, fmt)

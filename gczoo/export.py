@@ -220,13 +220,13 @@ def _check(run, uses: dict, module, example, fresh, what: str) -> Tuple[float, f
     unused = [name for name, used in uses.items() if not used]
     if unused:
         raise ExportCheckError(f"{what}'s input {', '.join(unused)} is read by no operation: the graph ignores it")
+    # both sides without autograd: a reloaded TorchScript or torch.export module would keep every activation
     with torch.no_grad():
         expected, previous = _flatten(module(fresh)), _flatten(module(example))
-    try:
-        with torch.no_grad():  # TorchScript and torch.export modules would otherwise keep every activation for autograd
+        try:
             got, got_previous = run(fresh), run(example)
-    except Exception as err:  # onnxruntime's and TorchScript's own errors: the file does not run
-        raise ExportCheckError(f"{what} fails on a fresh input: {type(err).__name__}: {err}") from err
+        except Exception as err:  # onnxruntime's and TorchScript's own errors: the file does not run
+            raise ExportCheckError(f"{what} fails on a fresh input: {type(err).__name__}: {err}") from err
     if len(got) != len(expected):
         raise ExportCheckError(f"{what} gives {len(got)} outputs, the eager model {len(expected)}")
     changes = lambda a, b: len(a) != len(b) or any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b))

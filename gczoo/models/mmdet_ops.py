@@ -190,7 +190,7 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
             if len(idx) or torch.jit.is_tracing():  # a traced graph pools every level: its boxes vary
                 pooled = roi_align(feature, rois[idx], self.output_size, spatial_scale=1.0 / stride,
                                    sampling_ratio=0, aligned=True).to(out.dtype)
-                # scatter rather than out[idx] = ...: ONNX's index_put fixes the count of a one-box example
+                # scatter, not out[idx] = ...: a traced index_put (ONNX, TorchScript) fixed a one-box example's count
                 out.scatter_(0, idx.view(-1, 1, 1, 1).expand_as(pooled), pooled)
         return out
 
